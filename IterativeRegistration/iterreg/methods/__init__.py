@@ -1,0 +1,23 @@
+"""Registry of registration methods: one module per method, all behind :class:`RegistrationMethod`."""
+from __future__ import annotations
+
+from ..errors import InputError
+from .base import MethodOptions, Prompts, RegistrationMethod, Step
+from .classical import ClassicalMethod
+from .identity import IdentityMethod
+
+__all__ = ["available_methods", "get_method", "Step", "Prompts", "RegistrationMethod", "MethodOptions"]
+
+_METHODS: dict[str, type[RegistrationMethod]] = {m.name: m for m in (IdentityMethod, ClassicalMethod)}
+
+
+def available_methods() -> dict[str, type[RegistrationMethod]]:
+    """Name -> class of every method this installation can run."""
+    return dict(_METHODS)
+
+
+def get_method(name: str) -> type[RegistrationMethod]:
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise InputError(f"unknown method '{name}'; choose one of: {', '.join(sorted(_METHODS))}") from None

@@ -1,0 +1,144 @@
+"""The method interface every registration method implements (DESIGN.md §2).
+
+A method is built once (from a checkpoint or defaults) and then ``run`` yields one :class:`Step` per
+iteration *as it is computed*. Consumers (CLI, worker, tests) only ever see this interface; stopping
+iteration early (``generator.close()``) is how a run is cancelled between steps.
+"""
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterator
+
+import torch
+
+from .. import losses
+from ..errors import InputError
+from ..metrics import folding_percent
+from ..spatial import spatial_ndim
+
+__all__ = ["Step", "Prompts", "RegistrationMethod", "MethodOptions", "standard_step_metrics"]
+
+
+@dataclass
+class Step:
+    """One iteration of a method.
+
+    - ``displacement``: ``[1, ndim, *spatial]`` voxels on the fixed grid (see :mod:`iterreg.spatial`).
+    - ``warped``: ``[1, 1, *spatial]`` normalised moving image warped by ``displacement``.
+    - ``metrics``: scalars; every method reports ``similarity`` (its loss, lower is better), ``regularizer``,
+      ``update_norm`` (max |change of u| in voxels since the previous step) and ``folding_percent``.
+    - ``channels``: named visualisation tensors ``[C, *spatial]`` (any resolution), e.g. hidden states.
+    - ``phase``: human-readable position, e.g. ``"level 2/3, iteration 14"``.
+    """
+    index: int
+    displacement: torch.Tensor
+    warped: torch.Tensor
+    metrics: dict[str, float]
+    channels: dict[str, torch.Tensor] = field(default_factory=dict)
+    phase: str = ""
+    final: bool = False
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """Test-time guidance: paired landmarks (array-order voxel coordinates on the fixed grid) and labels."""
+    fixed_points: torch.Tensor | None = None  # [N, ndim]
+    moving_points: torch.Tensor | None = None  # [N, ndim]
+    fixed_labels: torch.Tensor | None = None  # [1, 1, *spatial] integer
+    moving_labels: torch.Tensor | None = None
+    weight: float = 1.0
+    spacing: tuple[float, ...] | None = None  # mm per array axis, for distances in mm
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Base for each method's options; subclasses add fields with defaults and validate in ``check``."""
+
+    def check(self) -> None:
+        """Raise :class:`InputError` for out-of-range values."""
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> "MethodOptions":
+        values = dict(values or {})
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise InputError(f"unknown option(s) {', '.join(unknown)}; this method accepts: "
+                             f"{', '.join(sorted(known)) or 'none'}")
+        coerced = {}
+        for name, value in values.items():
+            default = known[name].default  # every option has a default; its type says how to coerce
+            if isinstance(default, tuple) and isinstance(value, (list, tuple)):
+                value = tuple(value)
+            elif isinstance(default, bool):
+                value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+            elif isinstance(default, (int, float)) and not isinstance(value, bool):
+                try:
+                    value = type(default)(value)
+                except (TypeError, ValueError):
+                    raise InputError(f"option {name} must be a number, got {value!r}") from None
+            coerced[name] = value
+        options = cls(**coerced)
+        options.check()
+        return options
+
+
+class RegistrationMethod(ABC):
+    """Base class. Subclasses set the class attributes and implement :meth:`run`."""
+
+    name: ClassVar[str]
+    title: ClassVar[str]
+    description: ClassVar[str] = ""
+    default_steps: ClassVar[int]
+    max_steps: ClassVar[int]
+    supported_ndims: ClassVar[tuple[int, ...]] = (2, 3)
+    needs_checkpoint: ClassVar[bool] = False
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+
+    def __init__(self, options: MethodOptions | None = None, device: str | torch.device = "cpu"):
+        self.options = options if options is not None else self.Options()
+        self.device = torch.device(device)
+
+    @classmethod
+    def create(cls, checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
+               options: dict[str, Any] | None = None) -> "RegistrationMethod":
+        """Build the method; learned methods load ``checkpoint`` (classical ones refuse one)."""
+        if checkpoint is not None and not cls.needs_checkpoint:
+            raise InputError(f"method '{cls.name}' is not learned and takes no checkpoint; drop --checkpoint")
+        return cls(cls.Options.from_dict(options), device)
+
+    def check_inputs(self, fixed: torch.Tensor, moving: torch.Tensor, steps: int | None) -> int:
+        """Validate tensors and the step count; returns the step count to use."""
+        nd = spatial_ndim(fixed)
+        if fixed.shape != moving.shape:
+            raise InputError(f"fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} must be on one grid; "
+                             "resample the moving image onto the fixed grid first")
+        if nd not in self.supported_ndims:
+            raise InputError(f"method '{self.name}' supports {' and '.join(f'{d}D' for d in self.supported_ndims)} "
+                             f"images, not {nd}D")
+        steps = self.default_steps if steps is None else int(steps)
+        if not 1 <= steps <= self.max_steps:
+            raise InputError(f"method '{self.name}' takes 1 to {self.max_steps} steps, got {steps}")
+        return steps
+
+    @abstractmethod
+    def run(self, fixed: torch.Tensor, moving: torch.Tensor, steps: int | None = None,
+            prompts: Prompts | None = None, init: torch.Tensor | None = None) -> Iterator[Step]:
+        """Yield one :class:`Step` per iteration; the last one has ``final=True``."""
+
+
+@torch.no_grad()
+def standard_step_metrics(fixed: torch.Tensor, warped: torch.Tensor, displacement: torch.Tensor,
+                          previous: torch.Tensor | None, similarity: str = "lncc",
+                          similarity_kwargs: dict | None = None, regularizer: str = "diffusion") -> dict[str, float]:
+    """The four metrics every step reports, computed at full resolution so steps are comparable."""
+    change = displacement if previous is None else displacement - previous
+    return {
+        "similarity": float(losses.similarity_loss(similarity, fixed, warped, **(similarity_kwargs or {}))),
+        "regularizer": float(losses.regularizer_loss(regularizer, displacement)),
+        "update_norm": float(change.norm(dim=1).max()),
+        "folding_percent": folding_percent(displacement),
+    }

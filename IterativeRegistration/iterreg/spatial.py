@@ -1,0 +1,212 @@
+"""Voxel-space spatial operations: the one place that owns the tensor conventions.
+
+Conventions (DESIGN.md §3), stated once:
+- Images are ``[B, C, D, H, W]`` (3D) or ``[B, C, H, W]`` (2D).
+- A displacement ``u`` is ``[B, ndim, *spatial]`` **in voxels of the fixed grid**, channel ``c`` is the
+  displacement along array axis ``c`` (so for 3D: channel 0 = D, 1 = H, 2 = W).
+- ``warp(moving, u)(x) = moving(x + u(x))``, sampled with ``grid_sample(..., align_corners=True)``:
+  voxel index ``0`` and ``n - 1`` are the centres of the first and last voxels.
+- A transform ``phi_u(x) = x + u(x)``. ``compose(outer, inner)`` is the displacement of
+  ``phi_outer ∘ phi_inner``, so warping by ``outer`` and then by ``inner`` equals one warp by the composition.
+
+Physical space (mm, RAS/LPS, SimpleITK) lives in :mod:`iterreg.geometry`; nothing here knows about it.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "spatial_ndim",
+    "identity_grid",
+    "warp",
+    "warp_labels",
+    "compose",
+    "resize_displacement",
+    "resize_image",
+    "jacobian_matrix",
+    "jacobian_determinant",
+    "integrate_velocity",
+    "invert_displacement",
+    "gaussian_smooth",
+    "sample_displacement_at",
+]
+
+
+def spatial_ndim(tensor: torch.Tensor) -> int:
+    """Number of spatial dimensions of a ``[B, C, *spatial]`` tensor (2 or 3)."""
+    nd = tensor.dim() - 2
+    if nd not in (2, 3):
+        raise ValueError(f"expected a [B, C, H, W] or [B, C, D, H, W] tensor, got shape {tuple(tensor.shape)}")
+    return nd
+
+
+def identity_grid(shape: Sequence[int], device=None, dtype=torch.float32) -> torch.Tensor:
+    """Voxel coordinates ``[1, ndim, *shape]`` in array-axis order (channel c holds the index along axis c)."""
+    axes = [torch.arange(n, device=device, dtype=dtype) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).unsqueeze(0)
+
+
+def _voxels_to_grid_sample(points: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """``[B, ndim, *spatial]`` voxel coordinates -> ``[B, *spatial, ndim]`` normalised grid for grid_sample.
+
+    grid_sample wants the last axis in (x, y[, z]) = reversed array order, normalised so that -1 and 1 are
+    the centres of the corner voxels (align_corners=True).
+    """
+    nd = len(shape)
+    scale = torch.tensor([2.0 / max(n - 1, 1) for n in shape], device=points.device, dtype=points.dtype)
+    normalised = points * scale.view(1, nd, *([1] * nd)) - 1.0
+    return normalised.flip(1).movedim(1, -1)
+
+
+def _sample(image: torch.Tensor, points: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
+    shape = image.shape[2:]
+    grid = _voxels_to_grid_sample(points, shape)
+    if grid.shape[0] != image.shape[0]:
+        grid = grid.expand(image.shape[0], *grid.shape[1:])
+    return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+
+
+def warp(moving: torch.Tensor, displacement: torch.Tensor, mode: str = "bilinear",
+         padding_mode: str = "zeros") -> torch.Tensor:
+    """``moving(x + u(x))`` on the grid of ``displacement``.
+
+    ``padding_mode='zeros'`` matches what ITK resampling and Slicer's display show outside the moving image;
+    use ``'border'`` when warping displacement fields.
+    """
+    nd = spatial_ndim(moving)
+    if displacement.shape[1] != nd or displacement.dim() != moving.dim():
+        raise ValueError(f"displacement {tuple(displacement.shape)} does not match a {nd}D image")
+    points = identity_grid(displacement.shape[2:], displacement.device, displacement.dtype) + displacement
+    return _sample(moving, points, mode, padding_mode)
+
+
+def warp_labels(labels: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
+    """Warp an integer label map with nearest-neighbour sampling (labels stay labels)."""
+    out = warp(labels.to(displacement.dtype), displacement, mode="nearest")
+    return out.round().to(labels.dtype)
+
+
+def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """Displacement of ``phi_outer ∘ phi_inner``: ``inner(x) + outer(x + inner(x))``."""
+    return inner + warp(outer, inner, padding_mode="border")
+
+
+def sample_displacement_at(displacement: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Displacement at arbitrary voxel points ``[N, ndim]`` (linear interpolation) -> ``[N, ndim]``.
+
+    Differentiable with respect to the displacement (used by landmark losses).
+    """
+    nd = spatial_ndim(displacement)
+    if displacement.shape[0] != 1:
+        raise ValueError("sample_displacement_at expects a single displacement (batch size 1)")
+    pts = points.to(displacement.dtype).T.reshape(1, nd, points.shape[0], *([1] * (nd - 1)))
+    grid = _voxels_to_grid_sample(pts, displacement.shape[2:])
+    sampled = F.grid_sample(displacement, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return sampled.reshape(nd, points.shape[0]).T
+
+
+def resize_image(image: torch.Tensor, shape: Sequence[int], mode: str = "linear") -> torch.Tensor:
+    """Resample an image to ``shape`` on the same field of view (corner voxel centres fixed).
+
+    Downsampling uses ``area`` averaging (anti-aliased); upsampling uses (bi/tri)linear interpolation.
+    """
+    nd = spatial_ndim(image)
+    shape = tuple(int(s) for s in shape)
+    if tuple(image.shape[2:]) == shape:
+        return image
+    if mode == "linear":
+        if all(s <= n for s, n in zip(shape, image.shape[2:])):
+            return F.interpolate(image, size=shape, mode="area")
+        return F.interpolate(image, size=shape, mode="bilinear" if nd == 2 else "trilinear", align_corners=True)
+    return F.interpolate(image, size=shape, mode=mode)
+
+
+def resize_displacement(displacement: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Resample a voxel displacement to a grid of ``shape`` over the same field of view.
+
+    Values are rescaled because a voxel of the new grid has another size: with corner-aligned grids,
+    one old voxel along axis c is ``(new_c - 1) / (old_c - 1)`` new voxels.
+    """
+    nd = spatial_ndim(displacement)
+    old = displacement.shape[2:]
+    shape = tuple(int(s) for s in shape)
+    if tuple(old) == shape:
+        return displacement
+    mode = "bilinear" if nd == 2 else "trilinear"
+    resized = F.interpolate(displacement, size=shape, mode=mode, align_corners=True)
+    factors = torch.tensor([(n - 1) / max(o - 1, 1) for n, o in zip(shape, old)],
+                           device=displacement.device, dtype=displacement.dtype)
+    return resized * factors.view(1, nd, *([1] * nd))
+
+
+def jacobian_matrix(displacement: torch.Tensor) -> torch.Tensor:
+    """Jacobian of ``x + u(x)``: ``[B, *spatial, ndim, ndim]``, entry ``[..., i, j] = d(x+u)_i / dx_j``.
+
+    Central differences inside, one-sided at the borders (``torch.gradient``). Computed in voxels: the
+    determinant is the same in mm because spacing and direction cancel (det(S A S^-1) = det A).
+    """
+    nd = spatial_ndim(displacement)
+    rows = []
+    for i in range(nd):
+        grads = torch.gradient(displacement[:, i], dim=tuple(range(1, nd + 1)))
+        rows.append(torch.stack(grads, dim=-1))
+    jac = torch.stack(rows, dim=-2)
+    eye = torch.eye(nd, device=displacement.device, dtype=displacement.dtype)
+    return jac + eye
+
+
+def jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
+    """Determinant of the Jacobian of ``x + u(x)``: ``[B, *spatial]``; ``<= 0`` means folding."""
+    return torch.linalg.det(jacobian_matrix(displacement))
+
+
+def integrate_velocity(velocity: torch.Tensor, squarings: int = 7) -> torch.Tensor:
+    """Displacement of ``exp(v)`` for a stationary velocity field by scaling and squaring."""
+    u = velocity / (2 ** squarings)
+    for _ in range(squarings):
+        u = compose(u, u)
+    return u
+
+
+def invert_displacement(displacement: torch.Tensor, iterations: int = 30) -> torch.Tensor:
+    """Approximate inverse by fixed-point iteration ``v(x) = -u(x + v(x))``.
+
+    Converges for smooth, non-folding fields (contraction when |grad u| < 1).
+    """
+    inverse = -displacement
+    for _ in range(iterations):
+        inverse = -warp(displacement, inverse, padding_mode="border")
+    return inverse
+
+
+def gaussian_smooth(tensor: torch.Tensor, sigma: float | Sequence[float], truncate: float = 3.0) -> torch.Tensor:
+    """Separable Gaussian smoothing of every channel, sigma in voxels; replicate padding at borders.
+
+    Written here rather than MONAI's GaussianFilter because that one zero-pads, which pulls displacement
+    fields toward zero at the image border.
+    """
+    nd = spatial_ndim(tensor)
+    sigmas = [float(sigma)] * nd if isinstance(sigma, (int, float)) else [float(s) for s in sigma]
+    out = tensor
+    channels = tensor.shape[1]
+    for axis, s in enumerate(sigmas):
+        if s <= 0:
+            continue
+        radius = max(1, int(truncate * s + 0.5))
+        x = torch.arange(-radius, radius + 1, device=tensor.device, dtype=tensor.dtype)
+        kernel = torch.exp(-0.5 * (x / s) ** 2)
+        kernel = kernel / kernel.sum()
+        shape = [1] * nd
+        shape[axis] = kernel.numel()
+        weight = kernel.view(1, 1, *shape).repeat(channels, 1, *([1] * nd))
+        pad = [0, 0] * nd
+        # F.pad lists the last axis first
+        pad[2 * (nd - 1 - axis)] = radius
+        pad[2 * (nd - 1 - axis) + 1] = radius
+        padded = F.pad(out, pad, mode="replicate")
+        conv = F.conv2d if nd == 2 else F.conv3d
+        out = conv(padded, weight, groups=channels)
+    return out

@@ -38,7 +38,8 @@ def _lncc_module(ndim: int, window: int) -> LocalNormalizedCrossCorrelationLoss:
 def lncc_loss(fixed: torch.Tensor, warped: torch.Tensor, window: int = 5) -> torch.Tensor:
     """Negative local (squared) normalised cross-correlation in a ``window``^ndim box, in [-1, 0].
 
-    MONAI's convention, which is also VoxelMorph's: the squared local correlation, averaged over voxels.
+    MONAI's convention, which is also VoxelMorph's: the squared local correlation, averaged over voxels;
+    windows are zero-padded at the image border.
     """
     if window < 1 or window % 2 == 0:
         raise ValueError(f"LNCC window must be a positive odd number, got {window}")

@@ -84,9 +84,19 @@ def warp(moving: torch.Tensor, displacement: torch.Tensor, mode: str = "bilinear
 
 
 def warp_labels(labels: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
-    """Warp an integer label map with nearest-neighbour sampling (labels stay labels)."""
-    out = warp(labels.to(displacement.dtype), displacement, mode="nearest")
-    return out.round().to(labels.dtype)
+    """Warp an integer label map: each label's mask is warped linearly and every voxel takes the label with
+    the largest weight (labels stay labels, boundaries move smoothly instead of snapping to voxels as
+    nearest-neighbour does). One label at a time, so memory stays at two volumes.
+    """
+    values = torch.unique(labels)
+    best_weight = torch.full(labels.shape, -1.0, device=displacement.device, dtype=displacement.dtype)
+    best_label = torch.zeros(labels.shape, device=displacement.device, dtype=labels.dtype)
+    for value in values:
+        weight = warp((labels == value).to(displacement.dtype), displacement, padding_mode="border")
+        better = weight > best_weight
+        best_weight = torch.where(better, weight, best_weight)
+        best_label = torch.where(better, value.to(labels.dtype), best_label)
+    return best_label
 
 
 def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:

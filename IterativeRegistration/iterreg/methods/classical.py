@@ -76,29 +76,37 @@ class ClassicalMethod(RegistrationMethod):
         sim_kwargs = self._similarity_kwargs()
         levels = [int(f) for f in opts.levels]
         budget = self._budget(steps)
-        displacement = None if init is None else init.to(self.device, fixed.dtype)
-        previous_full = displacement
+        if init is not None:
+            # Refinement: the given field already holds the coarse alignment; coarse levels would only
+            # perturb it (Adam's first steps move every voxel by ~learning_rate coarse voxels).
+            levels, budget = levels[-1:], [steps]
+        # A warm start keeps the given field at full resolution and optimises a correction on top of it.
+        base = None if init is None else init.to(self.device, fixed.dtype)
+        correction = None
+        previous_full = base
         index = 0
         for level_number, (factor, n_iter) in enumerate(zip(levels, budget), start=1):
             shape = [max(4, -(-n // factor)) for n in full_shape]
             fixed_l = resize_image(fixed, shape)
             moving_l = resize_image(moving, shape)
-            if displacement is None:
+            base_l = 0 if base is None else resize_displacement(base, shape)
+            if correction is None:
                 start = torch.zeros(1, nd, *shape, device=self.device, dtype=fixed.dtype)
             else:
-                start = resize_displacement(displacement, shape)
+                start = resize_displacement(correction, shape)
             field = start.clone().requires_grad_(True)
             optimiser = torch.optim.Adam([field], lr=opts.learning_rate)
             best, stale = float("inf"), 0
             points = self._prompt_points(prompts, full_shape, shape)
             for iteration in range(n_iter):
                 optimiser.zero_grad(set_to_none=True)
-                warped_l = warp(moving_l, field)
+                total = base_l + field
+                warped_l = warp(moving_l, total)
                 loss = losses.similarity_loss(opts.similarity, fixed_l, warped_l, **sim_kwargs)
-                loss = loss + opts.regularization_weight * losses.regularizer_loss(opts.regularizer, field)
+                loss = loss + opts.regularization_weight * losses.regularizer_loss(opts.regularizer, total)
                 if points is not None:
                     loss = loss + opts.prompt_weight * prompts.weight * losses.landmark_distance(
-                        field, points[0], points[1], points[2], squared=True)
+                        total, points[0], points[1], points[2], squared=True)
                 loss.backward()
                 with torch.no_grad():
                     if opts.grad_sigma > 0:
@@ -113,7 +121,10 @@ class ClassicalMethod(RegistrationMethod):
                 last_of_level = converged or iteration == n_iter - 1
                 final = last_of_level and level_number == len(levels)
                 with torch.no_grad():
-                    full = resize_displacement(field.detach(), full_shape).clone()  # field keeps changing in place
+                    # clone: the optimised field keeps changing in place
+                    full = resize_displacement(field.detach(), full_shape).clone()
+                    if base is not None:
+                        full = full + base
                     warped = warp(moving, full)
                     metrics = standard_step_metrics(fixed, warped, full, previous_full, opts.similarity,
                                                     sim_kwargs, opts.regularizer)
@@ -126,7 +137,7 @@ class ClassicalMethod(RegistrationMethod):
                 index += 1
                 if converged:
                     break
-            displacement = field.detach()
+            correction = field.detach()
 
     @staticmethod
     def _prompt_points(prompts: Prompts | None, full_shape, level_shape):

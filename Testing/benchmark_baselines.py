@@ -1,0 +1,214 @@
+"""Benchmark: every available method + an itk-elastix B-spline baseline on held-out generated pairs.
+
+Prints a table (Dice, HD95, TRE, % folding, runtime, runtime ratio to elastix, peak memory) and writes
+Docs/benchmarks.md with the machine it ran on. Each run happens in its own child process so that peak
+memory (ru_maxrss of that child) belongs to that run alone. Not a test: run it by hand.
+
+    .venv/bin/python Testing/benchmark_baselines.py --size 96 --pairs 3
+    (itk-elastix: pip install itk-elastix==0.25.4, or pip install -e ".[benchmark]")
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+MARKER_BEGIN = "<!-- baselines:begin -->"
+MARKER_END = "<!-- baselines:end -->"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} cores ({cpu}), {gpu}, Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def run_child(args: list[str]) -> tuple[dict, float]:
+    """Run this script in child mode; return its JSON result and the child's own peak RSS in MB."""
+    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {args} failed:\n{err[-2000:]}")
+    result = json.loads(out.strip().splitlines()[-1])
+    return result, result.pop("peak_rss_mb")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM resets at exec, unlike ru_maxrss, which a forked child
+    inherits from its parent)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def child_main(argv) -> None:
+    """Child: register one pair with one method, print one JSON line."""
+    import torch
+
+    from iterreg.pipeline import RegistrationRequest, register_files
+    from iterreg.sample_data import PAIR_FILES
+
+    method, pair_dir, out = argv
+    pair_dir = Path(pair_dir)
+    f = lambda key: str(pair_dir / PAIR_FILES[key])
+    torch.set_num_threads(os.cpu_count() or 1)
+    if method == "elastix":
+        result = elastix_register(pair_dir, Path(out))
+    else:
+        request = RegistrationRequest(fixed=f("fixed"), moving=f("moving"), out=out, method=method, device="cpu",
+                                      fixed_labels=f("fixed_labels"), moving_labels=f("moving_labels"),
+                                      fixed_landmarks=f("fixed_landmarks"), moving_landmarks=f("moving_landmarks"))
+        r = register_files(request)
+        result = {"runtime_s": r.runtime_s, "steps": r.steps, **r.evaluation["after"],
+                  "folding_percent": r.evaluation["regularity"]["folding_percent"],
+                  "std_log_jacobian": r.evaluation["regularity"]["std_log_jacobian"]}
+    result["peak_rss_mb"] = peak_rss_mb()
+    print(json.dumps(result, default=float))
+
+
+def elastix_register(pair_dir: Path, out: Path) -> dict:
+    """itk-elastix B-spline, 3 resolutions (like the papers' baseline); evaluated with our own metrics."""
+    import itk
+    import SimpleITK as sitk
+    import torch
+
+    from iterreg.pipeline import RegistrationRequest, _load_evaluation
+    from iterreg.geometry import Geometry
+    from iterreg.metrics import field_regularity
+    from iterreg.sample_data import PAIR_FILES
+
+    out.mkdir(parents=True, exist_ok=True)
+    fixed = itk.imread(str(pair_dir / PAIR_FILES["fixed"]), itk.F)
+    moving = itk.imread(str(pair_dir / PAIR_FILES["moving"]), itk.F)
+    params = itk.ParameterObject.New()
+    bspline = params.GetDefaultParameterMap("bspline", 3)
+    bspline["MaximumNumberOfIterations"] = ["500"]
+    bspline["FinalGridSpacingInPhysicalUnits"] = ["10"]
+    params.AddParameterMap(bspline)
+    start = time.perf_counter()
+    _, transform = itk.elastix_registration_method(fixed, moving, parameter_object=params, log_to_console=False,
+                                                   output_directory=str(out))
+    runtime = time.perf_counter() - start
+    field = itk.transformix_deformation_field(moving, transform)  # LPS mm, fixed grid
+    field_np = np.asarray(field).astype(np.float64)
+    fixed_sitk = sitk.ReadImage(str(pair_dir / PAIR_FILES["fixed"]))
+    geometry = Geometry.of(fixed_sitk)
+    u = torch.from_numpy(geometry.displacement_lps_to_voxels(field_np)).float()[None]
+    f = lambda key: str(pair_dir / PAIR_FILES[key])
+    request = RegistrationRequest(fixed=f("fixed"), moving=f("moving"), out=str(out),
+                                  fixed_labels=f("fixed_labels"), moving_labels=f("moving_labels"),
+                                  fixed_landmarks=f("fixed_landmarks"), moving_landmarks=f("moving_landmarks"))
+    evaluation = _load_evaluation(request, fixed_sitk, sitk.ReadImage(f("moving")))
+    scores = evaluation.score(u)
+    regularity = field_regularity(u)
+    return {"runtime_s": runtime, "steps": 3 * 500, **scores, "folding_percent": regularity["folding_percent"],
+            "std_log_jacobian": regularity["std_log_jacobian"]}
+
+
+def elastix_available() -> bool:
+    try:
+        import itk  # noqa: F401
+        return hasattr(itk, "elastix_registration_method")
+    except ImportError:
+        return False
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=100, help="held-out seeds (the demo pair uses 0)")
+    parser.add_argument("--methods", nargs="*", default=None)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave Docs/benchmarks.md alone")
+    args = parser.parse_args()
+
+    from iterreg.methods import available_methods
+    from iterreg.sample_data import make_pair, write_pair
+
+    methods = args.methods or [n for n, c in available_methods().items() if not c.needs_checkpoint]
+    if elastix_available():
+        methods.append("elastix")
+    else:
+        print("itk-elastix not installed: the elastix baseline is skipped (pip install itk-elastix==0.25.4)")
+    results: dict[str, list[dict]] = {m: [] for m in methods}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(args.pairs):
+            seed = args.first_seed + k
+            pair_dir = write_pair(make_pair(args.size, seed=seed), Path(tmp) / f"pair_{seed}")
+            for method in methods:
+                result, peak = run_child(["--child", method, str(pair_dir), str(Path(tmp) / f"out_{seed}_{method}")])
+                result["peak_mb"] = peak
+                results[method].append(result)
+                print(f"pair {seed} {method:10s} Dice {result['dice_mean']:.3f} TRE {result['tre_mean_mm']:.2f} mm "
+                      f"time {result['runtime_s']:.1f} s peak {peak:.0f} MB", flush=True)
+
+    ref = np.mean([r["runtime_s"] for r in results["elastix"]]) if "elastix" in results else None
+    header = ["method", "Dice", "HD95 mm", "TRE mm", "folding %", "std log J", "steps", "CPU time / elastix",
+              "peak MB"]
+    rows = []
+    for method, rs in results.items():
+        mean = lambda key: float(np.mean([r[key] for r in rs]))
+        ratio = f"{mean('runtime_s') / ref:.2f}" if ref else "n/a"
+        rows.append([method, f"{mean('dice_mean'):.3f}", f"{mean('hd95_mean_mm'):.2f}",
+                     f"{mean('tre_mean_mm'):.2f}", f"{mean('folding_percent'):.3f}", f"{mean('std_log_jacobian'):.3f}",
+                     f"{mean('steps'):.0f}", ratio, f"{mean('peak_mb'):.0f}"])
+    table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                      + ["| " + " | ".join(r) + " |" for r in rows])
+    print(table)
+    if ref:
+        print(f"elastix mean runtime in this run: {ref:.1f} s")
+    if not args.no_write:
+        section = "\n".join([
+            MARKER_BEGIN,
+            f"## Classical baselines on generated MNI pairs ({args.size}^3)",
+            "",
+            f"Run {date.today().isoformat()} on {machine()}, by `Testing/benchmark_baselines.py --size {args.size} "
+            f"--pairs {args.pairs}`.",
+            f"Held-out pairs: seeds {args.first_seed}-{args.first_seed + args.pairs - 1} of the sample-data generator "
+            "(MNI152 2009 T1, two random diffeomorphic fields, ground-truth peak 10 mm, moving image with gamma/bias/"
+            "noise change); labels CSF/GM/WM, 20 landmarks per pair. Means over pairs. Runtime is quoted as a ratio "
+            "to itk-elastix (B-spline, 3 resolutions, 500 iterations, 10 mm final grid) measured in the same run; "
+            "peak memory is the whole child process (Python + libraries + data).",
+            "",
+            table,
+            "",
+            MARKER_END,
+        ])
+        path = ROOT / "Docs" / "benchmarks.md"
+        text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+        if MARKER_BEGIN in text:
+            text = text[:text.index(MARKER_BEGIN)] + section + text[text.index(MARKER_END) + len(MARKER_END):]
+        else:
+            text = text.rstrip() + "\n\n" + section + "\n"
+        tmp_path = path.with_suffix(".md.tmp")
+        tmp_path.write_text(text)
+        os.replace(tmp_path, path)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child_main(sys.argv[2:])
+    else:
+        raise SystemExit(main())

@@ -109,6 +109,7 @@ def elastix_register(pair_dir: Path, out: Path) -> dict:
     _, transform = itk.elastix_registration_method(fixed, moving, parameter_object=params, log_to_console=False,
                                                    output_directory=str(out))
     runtime = time.perf_counter() - start
+    os.chdir(out)  # transformix drops deformationField.nii into the working folder
     field = itk.transformix_deformation_field(moving, transform)  # LPS mm, fixed grid
     field_np = np.asarray(field).astype(np.float64)
     fixed_sitk = sitk.ReadImage(str(pair_dir / PAIR_FILES["fixed"]))

@@ -14,6 +14,7 @@ import numpy as np
 
 from .atomic import atomic_file
 from .errors import InputError
+from .geometry import LPS_TO_RAS_3D
 
 __all__ = ["read_landmarks", "write_markups_json", "pair_landmarks", "check_inside"]
 
@@ -48,9 +49,10 @@ def _read_markups_json(p: Path) -> tuple[np.ndarray, list[str]]:
     doc = json.loads(p.read_text())
     points, labels = [], []
     for markup in doc["markups"]:
-        flip = np.array([-1.0, -1.0, 1.0]) if markup.get("coordinateSystem", "LPS") == "LPS" else np.ones(3)
+        lps = markup.get("coordinateSystem", "LPS") == "LPS"
         for i, cp in enumerate(markup.get("controlPoints", [])):
-            points.append(np.asarray(cp["position"], dtype=float) * flip)
+            position = np.asarray(cp["position"], dtype=float)
+            points.append(LPS_TO_RAS_3D @ position if lps else position)
             labels.append(str(cp.get("label") or f"P{i + 1}"))
     return np.asarray(points, dtype=float).reshape(-1, 3), labels
 
@@ -74,7 +76,7 @@ def _read_csv(p: Path, fcsv: bool) -> tuple[np.ndarray, list[str]]:
             points.append([float(v) for v in xyz])
             labels.append(label.strip() or f"P{len(points)}")
     arr = np.asarray(points, dtype=float).reshape(-1, 3)
-    return (arr * np.array([-1.0, -1.0, 1.0]) if lps else arr), labels
+    return (arr @ LPS_TO_RAS_3D if lps else arr), labels
 
 
 def _is_number(text: str) -> bool:

@@ -54,6 +54,19 @@ class Geometry:
         return cls(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()),
                    tuple(image.GetDirection()))
 
+    def to_dict(self) -> dict:
+        """JSON-friendly form (used to hand grids to the worker process)."""
+        return {"size": list(self.size), "spacing": list(self.spacing), "origin": list(self.origin),
+                "direction": list(self.direction)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Geometry":
+        try:
+            return cls(tuple(int(v) for v in data["size"]), tuple(float(v) for v in data["spacing"]),
+                       tuple(float(v) for v in data["origin"]), tuple(float(v) for v in data.get("direction", ())))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"a geometry needs size, spacing, origin (and direction): {exc}") from None
+
     def apply_to(self, image: sitk.Image) -> sitk.Image:
         image.SetSpacing(self.spacing)
         image.SetOrigin(self.origin)

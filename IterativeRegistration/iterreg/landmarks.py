@@ -16,7 +16,7 @@ from .atomic import atomic_file
 from .errors import InputError
 from .geometry import LPS_TO_RAS_3D
 
-__all__ = ["read_landmarks", "write_markups_json", "pair_landmarks", "check_inside"]
+__all__ = ["read_landmarks", "write_markups_json", "pair_landmarks", "check_inside", "landmarks_on_fixed_grid"]
 
 
 def read_landmarks(path: str | os.PathLike, role: str) -> tuple[np.ndarray, list[str]]:
@@ -118,6 +118,23 @@ def check_inside(points_voxels: np.ndarray, labels: list[str], geometry, role: s
         i = int(np.flatnonzero(~inside)[0])
         raise InputError(f"{role} landmark '{labels[i]}' lies outside the image; check its coordinates "
                          "(RAS mm) or the file's coordinate system")
+
+
+def landmarks_on_fixed_grid(fixed_geometry, moving_geometry, fixed_ras: np.ndarray, moving_ras: np.ndarray,
+                            labels: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Paired RAS landmarks -> array-order voxel coordinates of the *fixed* grid (both sets), after checking
+    that each point lies inside its own image. This is the form methods take as prompts."""
+    nd = fixed_geometry.ndim
+    fixed_ras = np.asarray(fixed_ras, dtype=float)[:, :nd]
+    moving_ras = np.asarray(moving_ras, dtype=float)[:, :nd]
+    if fixed_ras.shape != moving_ras.shape:
+        raise InputError(f"{len(fixed_ras)} fixed but {len(moving_ras)} moving landmarks; every fixed point "
+                         "needs one moving partner")
+    labels = labels or [str(i + 1) for i in range(len(fixed_ras))]
+    fixed_vox = fixed_geometry.ras_to_array_index(fixed_ras)
+    check_inside(fixed_vox, labels, fixed_geometry, "fixed")
+    check_inside(moving_geometry.ras_to_array_index(moving_ras), labels, moving_geometry, "moving")
+    return fixed_vox, fixed_geometry.ras_to_array_index(moving_ras)
 
 
 def write_markups_json(path: str | os.PathLike, points_ras: np.ndarray, labels: list[str] | None = None,

@@ -10,7 +10,6 @@ from functools import lru_cache
 from typing import Callable
 
 import torch
-from monai.losses import BendingEnergyLoss, DiffusionLoss, LocalNormalizedCrossCorrelationLoss
 
 from .spatial import sample_displacement_at, spatial_ndim
 
@@ -31,7 +30,10 @@ def mse(fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
 
 
 @lru_cache(maxsize=16)
-def _lncc_module(ndim: int, window: int) -> LocalNormalizedCrossCorrelationLoss:
+def _lncc_module(ndim: int, window: int):
+    # MONAI is imported on first use: importing it loads all of MONAI (~3 s), which every worker start
+    # would otherwise pay even for methods that never touch these losses.
+    from monai.losses import LocalNormalizedCrossCorrelationLoss
     return LocalNormalizedCrossCorrelationLoss(spatial_dims=ndim, kernel_size=window, kernel_type="rectangular")
 
 
@@ -75,7 +77,8 @@ def nmi_loss(fixed: torch.Tensor, warped: torch.Tensor, bins: int = 32, sigma_bi
 
 
 @lru_cache(maxsize=4)
-def _diffusion_module() -> DiffusionLoss:
+def _diffusion_module():
+    from monai.losses import DiffusionLoss
     return DiffusionLoss()
 
 
@@ -114,7 +117,8 @@ def curvature(displacement: torch.Tensor) -> torch.Tensor:
 
 
 @lru_cache(maxsize=4)
-def _bending_module() -> BendingEnergyLoss:
+def _bending_module():
+    from monai.losses import BendingEnergyLoss
     return BendingEnergyLoss()
 
 

@@ -10,7 +10,6 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from monai.metrics import compute_dice, compute_hausdorff_distance
 
 from .spatial import jacobian_determinant
 
@@ -44,6 +43,7 @@ def dice(labels_a: np.ndarray, labels_b: np.ndarray, values: Iterable[int] | Non
     present = [v for v in values if np.any(labels_a == v) or np.any(labels_b == v)]
     if not present:
         return {"per_label": {}, "mean": float("nan")}
+    from monai.metrics import compute_dice  # lazy: importing MONAI costs seconds (see losses.py)
     scores = compute_dice(_one_hot(labels_a, present), _one_hot(labels_b, present), include_background=True)
     per_label = {int(v): float(s) for v, s in zip(present, scores[0])}
     return {"per_label": per_label, "mean": float(np.mean(list(per_label.values())))}
@@ -59,6 +59,7 @@ def hd95(labels_a: np.ndarray, labels_b: np.ndarray, spacing: Sequence[float],
     present = [v for v in values if np.any(labels_a == v) and np.any(labels_b == v)]
     if not present:
         return {"per_label": {}, "mean": float("nan")}
+    from monai.metrics import compute_hausdorff_distance
     dist = compute_hausdorff_distance(_one_hot(labels_a, present), _one_hot(labels_b, present),
                                       include_background=True, percentile=95, spacing=list(spacing))
     per_label = {int(v): float(d) for v, d in zip(present, dist[0])}

@@ -23,7 +23,7 @@ from .devices import resolve_device
 from .errors import InputError
 from .geometry import Geometry
 from .imaging import check_label_geometry, prepare_pair, read_image, resample_onto, write_image_atomic
-from .landmarks import check_inside, pair_landmarks, read_landmarks
+from .landmarks import landmarks_on_fixed_grid, pair_landmarks, read_landmarks
 from .methods import Prompts, Step, get_method
 from .metrics import dice, field_regularity, hd95, tre
 from .pictures import StepPictures
@@ -66,6 +66,7 @@ class _Evaluation:
     fixed_labels: np.ndarray | None = None
     moving_labels: torch.Tensor | None = None
     fixed_points: torch.Tensor | None = None  # voxels, fixed grid
+    moving_points: torch.Tensor | None = None  # voxels of the fixed grid too (prompt form)
     moving_points_ras: np.ndarray | None = None
     landmark_names: list[str] | None = None
 
@@ -103,13 +104,10 @@ def _load_evaluation(request: RegistrationRequest, fixed: sitk.Image, moving: si
     if request.fixed_landmarks:
         fixed_ras, moving_ras, names = pair_landmarks(read_landmarks(request.fixed_landmarks, "fixed landmarks"),
                                                       read_landmarks(request.moving_landmarks, "moving landmarks"))
-        nd = geometry.ndim
-        fixed_vox = geometry.ras_to_array_index(fixed_ras[:, :nd])
-        check_inside(fixed_vox, names, geometry, "fixed")
-        check_inside(Geometry.of(moving).ras_to_array_index(moving_ras[:, :nd]), names, Geometry.of(moving),
-                     "moving")
+        fixed_vox, moving_vox = landmarks_on_fixed_grid(geometry, Geometry.of(moving), fixed_ras, moving_ras, names)
         evaluation.fixed_points = torch.tensor(fixed_vox, dtype=torch.float32)
-        evaluation.moving_points_ras = moving_ras[:, :nd]
+        evaluation.moving_points = torch.tensor(moving_vox, dtype=torch.float32)
+        evaluation.moving_points_ras = moving_ras[:, :geometry.ndim]
         evaluation.landmark_names = names
     return evaluation
 
@@ -127,9 +125,7 @@ def register_files(request: RegistrationRequest, on_step: Callable[[Step], None]
     steps = method.check_inputs(pair.fixed, pair.moving, request.steps)
     prompts = None
     if request.use_landmarks_as_prompts and evaluation.fixed_points is not None:
-        moving_vox = pair.geometry.ras_to_array_index(evaluation.moving_points_ras)
-        prompts = Prompts(evaluation.fixed_points, torch.tensor(moving_vox, dtype=torch.float32),
-                          spacing=pair.geometry.array_spacing)
+        prompts = Prompts(evaluation.fixed_points, evaluation.moving_points, spacing=pair.geometry.array_spacing)
 
     out = Path(request.out)
     created_out = not out.exists()

@@ -6,7 +6,7 @@ from .base import MethodOptions, Prompts, RegistrationMethod, Step
 from .classical import ClassicalMethod
 from .identity import IdentityMethod
 
-__all__ = ["available_methods", "get_method", "Step", "Prompts", "RegistrationMethod", "MethodOptions"]
+__all__ = ["available_methods", "get_method", "register_method", "Step", "Prompts", "RegistrationMethod", "MethodOptions"]
 
 _METHODS: dict[str, type[RegistrationMethod]] = {m.name: m for m in (IdentityMethod, ClassicalMethod)}
 
@@ -21,3 +21,11 @@ def get_method(name: str) -> type[RegistrationMethod]:
         return _METHODS[name]
     except KeyError:
         raise InputError(f"unknown method '{name}'; choose one of: {', '.join(sorted(_METHODS))}") from None
+
+
+def register_method(cls: type[RegistrationMethod]) -> type[RegistrationMethod]:
+    """Add a method (e.g. a research prototype) to this process's registry; usable as a class decorator."""
+    if not (isinstance(cls, type) and issubclass(cls, RegistrationMethod)):
+        raise TypeError(f"{cls!r} is not a RegistrationMethod subclass")
+    _METHODS[cls.name] = cls
+    return cls

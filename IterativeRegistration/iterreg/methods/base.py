@@ -106,9 +106,23 @@ class RegistrationMethod(ABC):
     def create(cls, checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
                options: dict[str, Any] | None = None) -> "RegistrationMethod":
         """Build the method; learned methods load ``checkpoint`` (classical ones refuse one)."""
-        if checkpoint is not None and not cls.needs_checkpoint:
-            raise InputError(f"method '{cls.name}' is not learned and takes no checkpoint; drop --checkpoint")
-        return cls(cls.Options.from_dict(options), device)
+        if not cls.needs_checkpoint:
+            if checkpoint is not None:
+                raise InputError(f"method '{cls.name}' is not learned and takes no checkpoint; drop the checkpoint")
+            return cls(cls.Options.from_dict(options), device)
+        if checkpoint is None:
+            raise InputError(f"method '{cls.name}' is learned and needs a checkpoint (.safetensors): choose a "
+                             "bundled one or train one with the Training package")
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise InputError(f"checkpoint '{path}' does not exist; choose an existing .safetensors file")
+        return cls.from_checkpoint(path, device, options)
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, device: str | torch.device = "cpu",
+                        options: dict[str, Any] | None = None) -> "RegistrationMethod":
+        """Learned methods: load weights and their metadata from an existing checkpoint file."""
+        raise NotImplementedError(f"method '{cls.name}' declares needs_checkpoint but cannot load one")
 
     def check_inputs(self, fixed: torch.Tensor, moving: torch.Tensor, steps: int | None) -> int:
         """Validate tensors and the step count; returns the step count to use."""

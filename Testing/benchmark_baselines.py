@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -22,25 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-MARKER_BEGIN = "<!-- baselines:begin -->"
-MARKER_END = "<!-- baselines:end -->"
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()} cores ({cpu}), {gpu}, Python {platform.python_version()}, torch {torch.__version__}"
-
-
+from benchmark_report import ROOT, machine, markdown_table, write_section
 def run_child(args: list[str]) -> tuple[dict, float]:
     """Run this script in child mode; return its JSON result and the child's own peak RSS in MB."""
     proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -173,14 +154,12 @@ def main() -> int:
         rows.append([method, f"{mean('dice_mean'):.3f}", f"{mean('hd95_mean_mm'):.2f}",
                      f"{mean('tre_mean_mm'):.2f}", f"{mean('folding_percent'):.3f}", f"{mean('std_log_jacobian'):.3f}",
                      f"{mean('steps'):.0f}", ratio, f"{mean('peak_mb'):.0f}"])
-    table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                      + ["| " + " | ".join(r) + " |" for r in rows])
+    table = markdown_table(header, rows)
     print(table)
     if ref:
         print(f"elastix mean runtime in this run: {ref:.1f} s")
     if not args.no_write:
-        section = "\n".join([
-            MARKER_BEGIN,
+        body = "\n".join([
             f"## Classical baselines on generated MNI pairs ({args.size}^3)",
             "",
             f"Run {date.today().isoformat()} on {machine()}, by `Testing/benchmark_baselines.py --size {args.size} "
@@ -192,19 +171,8 @@ def main() -> int:
             "peak memory is the whole child process (Python + libraries + data).",
             "",
             table,
-            "",
-            MARKER_END,
         ])
-        path = ROOT / "Docs" / "benchmarks.md"
-        text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-        if MARKER_BEGIN in text:
-            text = text[:text.index(MARKER_BEGIN)] + section + text[text.index(MARKER_END) + len(MARKER_END):]
-        else:
-            text = text.rstrip() + "\n\n" + section + "\n"
-        tmp_path = path.with_suffix(".md.tmp")
-        tmp_path.write_text(text)
-        os.replace(tmp_path, path)
-        print(f"wrote {path}")
+        print(f"wrote {write_section('baselines', body)}")
     return 0
 
 

@@ -1,5 +1,6 @@
 """Shared fixtures: the bundled sample pair and small generated pairs."""
 import os
+from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
@@ -31,3 +32,43 @@ def small_pair():
 def write(image: sitk.Image, path) -> str:
     sitk.WriteImage(image, str(path))
     return str(path)
+
+
+# --- what "nothing left behind" means ------------------------------------------------------------------------
+def shared_memory_blocks() -> set[str]:
+    return {name for name in os.listdir("/dev/shm") if name.startswith("irreg_")}
+
+
+def process_group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, ...
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                members.append(int(entry.name))
+    return members
+
+
+def pid_exists(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+@pytest.fixture
+def leak_check():
+    """Collect clients; after the test each one has ended and left nothing behind."""
+    before = shared_memory_blocks()
+    clients = []
+    yield clients.append
+    for client in clients:
+        client.close()
+        assert not client.running
+        if client.pid is not None:
+            assert not pid_exists(client.pid), "worker process still exists (orphan or zombie)"
+            assert process_group_members(client.pid) == [], "a process started by the worker survived"
+        if client.job_folder is not None:
+            assert not client.job_folder.exists(), "job folder left behind"
+    assert shared_memory_blocks() == before, "shared-memory blocks leaked"

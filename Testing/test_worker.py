@@ -23,52 +23,13 @@ import torch
 from iterreg.geometry import Geometry
 from iterreg.worker_client import RunRequest, WorkerClient, WorkerStartError
 from iterreg.worker_protocol import RING_SLOTS, Job, slot_names, slot_size
+from conftest import pid_exists
 
 pytestmark = pytest.mark.skipif(not Path("/proc").is_dir() or not Path("/dev/shm").is_dir(),
                                 reason="process-table and shared-memory checks need Linux /proc and /dev/shm")
 
 HERE = Path(__file__).resolve().parent
 TEST_WORKER = [sys.executable, str(HERE / "worker_with_test_methods.py")]
-
-
-# --- what "nothing left behind" means ------------------------------------------------------------------------
-def shared_memory_blocks() -> set[str]:
-    return {name for name in os.listdir("/dev/shm") if name.startswith("irreg_")}
-
-
-def process_group_members(pgid: int) -> list[int]:
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, ...
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                members.append(int(entry.name))
-    return members
-
-
-def pid_exists(pid: int) -> bool:
-    return Path(f"/proc/{pid}").exists()
-
-
-@pytest.fixture
-def leak_check():
-    """Collect clients; after the test each one has ended and left nothing behind."""
-    before = shared_memory_blocks()
-    clients: list[WorkerClient] = []
-    yield clients.append
-    for client in clients:
-        client.close()
-        assert not client.running
-        if client.pid is not None:
-            assert not pid_exists(client.pid), "worker process still exists (orphan or zombie)"
-            assert process_group_members(client.pid) == [], "a process started by the worker survived"
-        if client.job_folder is not None:
-            assert not client.job_folder.exists(), "job folder left behind"
-    assert shared_memory_blocks() == before, "shared-memory blocks leaked"
 
 
 # --- inputs --------------------------------------------------------------------------------------------------
@@ -347,6 +308,54 @@ def test_the_worker_drops_pictures_instead_of_waiting_for_a_reader_that_never_re
     assert all(s["dropped"] and s["slot"] is None for s in steps[RING_SLOTS:]) and len(steps) == 10
     result = next(e for e in events if e["event"] == "result")
     assert result["index"] == 9 and Path(result["files"]["displacement"]).is_file()
+
+
+def test_zero_copy_views_are_valid_inside_the_callback_and_gone_after_it(tiny_pair, leak_check):
+    from worker_with_test_methods import expected_displacement
+
+    seen = {}
+
+    def on_step(step):  # what the Slicer module does: copy into its own nodes while the view is valid
+        if step.dropped:  # the ring was full: the worker sent metrics only
+            return
+        seen[step.index] = step.displacement.copy()
+        assert "warped" not in step.arrays and "channel/hidden" in step.arrays
+
+    request = request_from(tiny_pair, "scripted", steps=6, threads=1, arrays=("displacement",))
+    steps = []
+    client = WorkerClient(request, on_step=lambda s: (on_step(s), steps.append(s)), command=TEST_WORKER,
+                          copy_arrays=False)
+    leak_check(client)
+    client.start().wait(timeout=60)
+    assert client.state == "completed", client.failure
+    assert all(s.arrays is None for s in steps)  # a kept message cannot silently change when its slot is reused
+    assert len(steps) == 6 and seen  # steps that found the ring full came without arrays (see result)
+    for index, displacement in seen.items():
+        np.testing.assert_allclose(displacement, expected_displacement(index, (24, 24, 24))[0], atol=1e-6)
+    assert set(client.result.arrays) == {"displacement", "warped"}  # the result always has both
+
+
+def test_a_failing_step_handler_stops_the_run_and_is_not_called_again(tiny_pair, leak_check):
+    calls = []
+
+    def broken(step):
+        calls.append(step.index)
+        raise ValueError("bug in the handler")
+
+    client = WorkerClient(request_from(tiny_pair, "scripted", steps=50, threads=1, options={"delay_s": 0.02}),
+                          on_step=broken, command=TEST_WORKER)
+    leak_check(client)
+    client.start()
+    with pytest.raises(ValueError, match="bug in the handler"):
+        client.wait(timeout=60)
+    assert calls == [0] and client.state == "failed" and client.failure.kind == "callback"
+    assert "ValueError: bug in the handler" in client.failure.traceback
+
+
+def test_unknown_per_step_arrays_are_refused(tiny_pair, leak_check):
+    request = request_from(tiny_pair, "scripted", steps=2, arrays=("displacement", "jacobian"))
+    client, _ = run_client(request, leak_check, command=TEST_WORKER)
+    assert client.state == "failed" and "unknown per-step array(s) ['jacobian']" in client.failure.message
 
 
 def test_channels_that_do_not_fit_the_slot_are_downsampled_and_the_user_is_told(tiny_pair, leak_check):

@@ -158,6 +158,10 @@ def _run(job: Job, channel: EventChannel, control: Control, ring: Ring | None) -
     from .spatial import warp
 
     _forward_warnings(channel)
+    from .errors import InputError
+    unknown = sorted(set(job.arrays) - {"displacement", "warped"})
+    if unknown:
+        raise InputError(f"unknown per-step array(s) {unknown}; choose from displacement, warped")
     threads = set_cpu_threads(job.threads)
     device = resolve_device(job.device)
     method_cls = get_method(job.method)
@@ -172,27 +176,36 @@ def _run(job: Job, channel: EventChannel, control: Control, ring: Ring | None) -
                  setup_s=time.perf_counter() - t_start)
 
     picker = _ChannelPicker(job.channels, ring.slot_bytes if ring else 0, channel)
+
+    def output_arrays(step, names) -> dict:
+        """The step's displacement and/or the *raw-intensity* moving image warped by it (what is shown)."""
+        displacement = step.displacement.detach()
+        arrays = {}
+        if "displacement" in names:
+            arrays["displacement"] = displacement[0].float().cpu().numpy()
+        if "warped" in names:
+            arrays["warped"] = warp(moving_raw, displacement.to(moving_raw.dtype))[0, 0].float().cpu().numpy()
+        return arrays
+
     generator = method.run(pair.fixed.to(device), pair.moving.to(device), steps, prompts,
                            None if init is None else init.to(device))
-    last, last_arrays, count = None, None, 0
+    last, count = None, 0
     try:
         for step in generator:
             t_computed = time.time()
             count += 1
-            displacement = step.displacement.detach()
-            arrays = {"displacement": displacement[0].float().cpu().numpy(),
-                      "warped": warp(moving_raw, displacement.to(moving_raw.dtype))[0, 0].float().cpu().numpy()}
-            last, last_arrays = step, arrays
+            last = step
             message = {"index": step.index, "phase": step.phase, "final": bool(step.final),
                        "metrics": {k: float(v) for k, v in step.metrics.items()}, "t_computed": t_computed}
             slot = control.take_free_slot() if ring is not None else None
-            if slot is None:
+            if slot is None:  # the client is behind: metrics only, no waiting, no array work
                 channel.send("step", slot=None, arrays=[], dropped=True, **message)
             else:
-                payload = dict(arrays)
-                payload.update(picker.pick(step.channels, ring.slot_bytes - packed_size(arrays)))
+                payload = output_arrays(step, job.arrays)
+                payload.update(picker.pick(step.channels, ring.slot_bytes - packed_size(payload)))
                 specs = pack_arrays(payload, ring.blocks[slot].buf)
-                channel.send("step", slot=slot, arrays=[s.to_dict() for s in specs], dropped=False, **message)
+                channel.send("step", slot=slot, arrays=[s.to_dict() for s in specs], dropped=False,
+                             t_sent=time.time(), **message)
             if control.stop_requested():
                 break
     finally:
@@ -204,7 +217,7 @@ def _run(job: Job, channel: EventChannel, control: Control, ring: Ring | None) -
         return EXIT_CODES["ok"]
     # The output never depends on the ring: files in the private job folder, each written then renamed.
     files = {name: str(save_array(job.folder, f"result_{name}", np.ascontiguousarray(a)))
-             for name, a in last_arrays.items()}
+             for name, a in output_arrays(last, ("displacement", "warped")).items()}
     channel.send("result", index=last.index, files=files,
                  metrics={k: float(v) for k, v in last.metrics.items()})
     channel.send("done", reason="cancelled" if cancelled else "completed", steps_run=count,

@@ -59,6 +59,7 @@ class Job:
     has_init: bool = False
     has_labels: bool = False
     channels: dict | None = None  # name -> list of map indices, or "all"; None: the first 4 maps of each
+    arrays: list = field(default_factory=lambda: ["displacement", "warped"])  # per-step arrays to send
     ring: list[str] = field(default_factory=list)  # shared-memory block names, one per slot
     slot_bytes: int = 0
     protocol: int = PROTOCOL_VERSION

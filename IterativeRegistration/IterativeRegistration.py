@@ -1,14 +1,17 @@
-"""IterativeRegistration: Slicer scripted module (thin layer over the ``iterreg`` engine).
+"""IterativeRegistration: Slicer scripted module (Module / Widget / Logic / Test only; DESIGN.md §5).
 
-This file holds only the Slicer classes (DESIGN.md §5). The panel (Widget), the MRML Logic and the
-background worker arrive with issues #3 and #4; until then the module registers itself with Slicer, and its
-self-test runs the engine on the bundled sample pair inside Slicer's Python.
+The engine (``iterreg``) runs in a background worker process; ``iterreg_slicer`` puts its steps into the
+scene. This file wires the panel to them. The parameter node uses the explicit get/set pattern of Slicer's
+classic module template (rather than ``parameterNodeWrapper``) so the same code runs under the headless
+test harness, where only slicer-core is available.
 """
 import os
 import sys
 
+import qt
 import slicer
-from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleTest
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 
 try:  # Slicer >= 5.6 has translations; older versions fall back to plain strings
     from slicer.i18n import tr as _
@@ -16,10 +19,13 @@ except ImportError:  # pragma: no cover
     def _(text):
         return text
 
-# The engine package sits next to this file in a source checkout and in the extension's install tree.
+# The engine and glue packages sit next to this file in a source checkout and in the extension's install tree.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
+
+SIMILARITIES = ("lncc", "mse", "nmi")
+OVERLAYS = ("moving image", "channel")
 
 
 class IterativeRegistration(ScriptedLoadableModule):
@@ -32,13 +38,347 @@ class IterativeRegistration(ScriptedLoadableModule):
         self.parent.helpText = _(
             "Learned iterative deformable registration (RIIR, DEQReg, IIRP-Net, R2N2, DIO) and a classical "
             "optimizer, shown step by step: the moving image warping, the displacement field and the "
-            "networks' hidden states.")
+            "networks' hidden states. Registration runs in a background process; Slicer stays responsive.")
         self.parent.acknowledgementText = _(
             "Sample anatomy: MNI ICBM152 2009 template as distributed with nilearn (BSD-3-Clause).")
 
 
+# --------------------------------------------------------------------------------------------------------------
+class IterativeRegistrationLogic(ScriptedLoadableModuleLogic):
+    """Headless: builds runs from MRML nodes. No widgets here."""
+
+    PARAMETERS = {  # name -> default (strings: the parameter node stores text)
+        "Method": "classical", "Steps": "", "Device": "auto", "Checkpoint": "", "Similarity": "lncc",
+        "RegularizationWeight": "1.0", "Tolerance": "0.0001", "ChannelVolumes": "true", "Jacobian": "true",
+        "KeepPrevious": "true", "UsePrompts": "false", "Overlay": "moving image",
+    }
+    REFERENCES = ("FixedVolume", "MovingVolume", "FixedLandmarks", "MovingLandmarks")
+
+    def __init__(self, worker_command=None):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.worker_command = worker_command
+        self._catalogue = None
+        self.runs = []
+
+    def setDefaultParameters(self, parameterNode):
+        for name, value in self.PARAMETERS.items():
+            if not parameterNode.GetParameter(name):
+                parameterNode.SetParameter(name, value)
+
+    def method_catalogue(self) -> dict:
+        """Methods, their defaults and whether a GPU is visible, asked once from the worker's interpreter."""
+        if self._catalogue is None:
+            from iterreg.worker_client import describe_methods
+            self._catalogue = describe_methods(self.worker_command)
+        return self._catalogue
+
+    def method_info(self, name: str) -> dict:
+        for info in self.method_catalogue()["methods"]:
+            if info["name"] == name:
+                return info
+        raise ValueError(f"unknown method '{name}'")
+
+    @staticmethod
+    def input_problem(fixed, moving, fixed_landmarks=None, moving_landmarks=None):
+        from iterreg_slicer.scene_registration import SceneRegistration
+        return SceneRegistration.input_problem(fixed, moving, fixed_landmarks, moving_landmarks)
+
+    def settings_from_parameters(self, parameterNode):
+        from iterreg_slicer.scene_registration import RunSettings
+        p = parameterNode.GetParameter
+        method = p("Method")
+        options = {}
+        option_names = self.method_info(method)["options"] if self._catalogue else {}
+        for key, parameter, cast in (("similarity", "Similarity", str),
+                                     ("regularization_weight", "RegularizationWeight", float),
+                                     ("tolerance", "Tolerance", float)):
+            if key in option_names and p(parameter):
+                options[key] = cast(p(parameter))
+        return RunSettings(method=method, steps=int(p("Steps")) if p("Steps") else None,
+                           checkpoint=p("Checkpoint") or None, device=p("Device") or "auto", options=options,
+                           channel_volumes=p("ChannelVolumes") == "true", jacobian=p("Jacobian") == "true",
+                           keep_previous=p("KeepPrevious") == "true", use_landmarks_as_prompts=p("UsePrompts") == "true")
+
+    def start(self, fixed, moving, settings, fixed_landmarks=None, moving_landmarks=None, on_step=None,
+              on_finished=None):
+        """Start a run in the background; returns the :class:`SceneRegistration` (poll it, or ``wait()``)."""
+        from iterreg_slicer.scene_registration import SceneRegistration
+        run = SceneRegistration(slicer.mrmlScene, fixed, moving, settings, fixed_landmarks, moving_landmarks,
+                                command=self.worker_command, on_step=on_step, on_finished=on_finished)
+        run.start()
+        self.runs.append(run)
+        return run
+
+    @staticmethod
+    def missing_dependencies():
+        from iterreg_slicer.dependencies import missing_packages
+        return missing_packages()
+
+    @staticmethod
+    def install_dependencies(requirements):
+        from iterreg_slicer.dependencies import install
+        install(requirements)
+
+
+# --------------------------------------------------------------------------------------------------------------
+class IterativeRegistrationWidget(ScriptedLoadableModuleWidget):
+    """The panel. PythonQt style (properties as attributes, ``signal.connect``) so it also runs on PySide6
+    through the test harness's flat ``qt`` shim."""
+
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        self.logic = None
+        self._parameterNode = None
+        self._updatingGUI = False
+        self.run = None
+        self.timer = None
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/IterativeRegistration.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        for selector in (self.ui.fixedSelector, self.ui.movingSelector, self.ui.fixedLandmarksSelector,
+                         self.ui.movingLandmarksSelector):
+            selector.setMRMLScene(slicer.mrmlScene)
+            selector.currentNodeChanged.connect(self.updateParameterNodeFromGUI)
+        if self.logic is None:
+            self.logic = IterativeRegistrationLogic()
+        self.ui.similarityComboBox.addItems(list(SIMILARITIES))
+        self.ui.overlayComboBox.addItems(list(OVERLAYS))
+        self._fillMethods()
+        for combo in (self.ui.methodComboBox, self.ui.deviceComboBox, self.ui.similarityComboBox,
+                      self.ui.checkpointComboBox):
+            combo.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
+        self.ui.methodComboBox.currentIndexChanged.connect(self.onMethodChanged)
+        self.ui.overlayComboBox.currentIndexChanged.connect(self.onOverlayChanged)
+        for spin in (self.ui.stepsSpinBox, self.ui.regularizationSpinBox, self.ui.toleranceSpinBox):
+            spin.valueChanged.connect(self.updateParameterNodeFromGUI)
+        for box in (self.ui.channelVolumesCheckBox, self.ui.jacobianCheckBox, self.ui.keepPreviousCheckBox,
+                    self.ui.promptCheckBox):
+            box.toggled.connect(self.updateParameterNodeFromGUI)
+        self.ui.runButton.clicked.connect(self.onRun)
+        self.ui.cancelButton.clicked.connect(self.onCancel)
+        self.ui.checkpointBrowseButton.clicked.connect(self.onBrowseCheckpoint)
+        self.ui.stepSlider.valueChanged.connect(self.onStepSlider)
+        self.ui.channelIndexSpinBox.valueChanged.connect(self.onChannelChanged)
+        self.ui.channelComboBox.currentIndexChanged.connect(self.onChannelChanged)
+        self.setParameterNode(self.logic.getParameterNode())
+        self.onMethodChanged()
+
+    def _fillMethods(self):
+        try:
+            catalogue = self.logic.method_catalogue()
+        except RuntimeError as exc:
+            missing = self.logic.missing_dependencies()
+            self.ui.statusLabel.text = (_("Missing Python packages: {0}. Press Run to install them.").format(
+                ", ".join(missing)) if missing else str(exc))
+            return
+        for info in catalogue["methods"]:
+            self.ui.methodComboBox.addItem(info["title"], info["name"])
+        self.ui.deviceComboBox.addItem(_("auto (GPU if available)"), "auto")
+        self.ui.deviceComboBox.addItem("CPU", "cpu")
+        for i, name in enumerate(catalogue.get("cuda_devices", [])):
+            self.ui.deviceComboBox.addItem(f"GPU {i}: {name}", f"cuda:{i}")
+
+    def cleanup(self):
+        if self.run is not None and self.run.running:
+            self.run.cancel()
+
+    # --- parameter node <-> GUI ---------------------------------------------------------------------------
+    def setParameterNode(self, parameterNode):
+        self.logic.setDefaultParameters(parameterNode)
+        self._parameterNode = parameterNode
+        self.updateGUIFromParameterNode()
+
+    def updateGUIFromParameterNode(self):
+        p = self._parameterNode
+        if p is None:
+            return
+        self._updatingGUI = True
+        try:
+            for name, selector in (("FixedVolume", self.ui.fixedSelector), ("MovingVolume", self.ui.movingSelector),
+                                   ("FixedLandmarks", self.ui.fixedLandmarksSelector),
+                                   ("MovingLandmarks", self.ui.movingLandmarksSelector)):
+                node = p.GetNodeReference(name)
+                if node is not None:
+                    selector.setCurrentNode(node)
+            _selectData(self.ui.methodComboBox, p.GetParameter("Method"))
+            _selectData(self.ui.deviceComboBox, p.GetParameter("Device"))
+            self.ui.similarityComboBox.currentIndex = max(0, self.ui.similarityComboBox.findText(p.GetParameter("Similarity")))
+            if p.GetParameter("Steps"):
+                self.ui.stepsSpinBox.value = int(p.GetParameter("Steps"))
+            self.ui.regularizationSpinBox.value = float(p.GetParameter("RegularizationWeight"))
+            self.ui.toleranceSpinBox.value = float(p.GetParameter("Tolerance"))
+            self.ui.channelVolumesCheckBox.checked = p.GetParameter("ChannelVolumes") == "true"
+            self.ui.jacobianCheckBox.checked = p.GetParameter("Jacobian") == "true"
+            self.ui.keepPreviousCheckBox.checked = p.GetParameter("KeepPrevious") == "true"
+            self.ui.promptCheckBox.checked = p.GetParameter("UsePrompts") == "true"
+        finally:
+            self._updatingGUI = False
+        self.updateRunButton()
+
+    def updateParameterNodeFromGUI(self, *_args):
+        p = self._parameterNode
+        if p is None or self._updatingGUI:
+            return
+        wasModified = p.StartModify()
+        for name, selector in (("FixedVolume", self.ui.fixedSelector), ("MovingVolume", self.ui.movingSelector),
+                               ("FixedLandmarks", self.ui.fixedLandmarksSelector),
+                               ("MovingLandmarks", self.ui.movingLandmarksSelector)):
+            p.SetNodeReferenceID(name, selector.currentNodeID())
+        p.SetParameter("Method", _currentData(self.ui.methodComboBox) or "")
+        p.SetParameter("Device", _currentData(self.ui.deviceComboBox) or "auto")
+        p.SetParameter("Steps", str(self.ui.stepsSpinBox.value))
+        p.SetParameter("Checkpoint", _currentData(self.ui.checkpointComboBox) or "")
+        p.SetParameter("Similarity", self.ui.similarityComboBox.currentText)
+        p.SetParameter("RegularizationWeight", str(self.ui.regularizationSpinBox.value))
+        p.SetParameter("Tolerance", str(self.ui.toleranceSpinBox.value))
+        p.SetParameter("ChannelVolumes", "true" if self.ui.channelVolumesCheckBox.checked else "false")
+        p.SetParameter("Jacobian", "true" if self.ui.jacobianCheckBox.checked else "false")
+        p.SetParameter("KeepPrevious", "true" if self.ui.keepPreviousCheckBox.checked else "false")
+        p.SetParameter("UsePrompts", "true" if self.ui.promptCheckBox.checked else "false")
+        p.EndModify(wasModified)
+        self.updateRunButton()
+
+    def onMethodChanged(self, *_args):
+        name = _currentData(self.ui.methodComboBox)
+        if not name:
+            return
+        info = self.logic.method_info(name)
+        self._updatingGUI = True
+        self.ui.stepsSpinBox.maximum = info["max_steps"]
+        self.ui.stepsSpinBox.value = info["default_steps"]
+        self._updatingGUI = False
+        self.ui.methodDescriptionLabel.text = info["description"]
+        self.ui.checkpointComboBox.enabled = info["needs_checkpoint"]
+        self.ui.checkpointBrowseButton.enabled = info["needs_checkpoint"]
+        options = info["options"]
+        self.ui.similarityComboBox.enabled = "similarity" in options
+        self.ui.regularizationSpinBox.enabled = "regularization_weight" in options
+        self.ui.toleranceSpinBox.enabled = "tolerance" in options
+        for key, widget in (("regularization_weight", self.ui.regularizationSpinBox),
+                            ("tolerance", self.ui.toleranceSpinBox)):
+            if key in options:
+                widget.value = float(options[key])
+        self.updateParameterNodeFromGUI()
+
+    def updateRunButton(self):
+        running = self.run is not None and self.run.running
+        problem = self.logic.input_problem(self.ui.fixedSelector.currentNode(), self.ui.movingSelector.currentNode(),
+                                           self.ui.fixedLandmarksSelector.currentNode(),
+                                           self.ui.movingLandmarksSelector.currentNode())
+        name = _currentData(self.ui.methodComboBox)
+        if problem is None and not name:
+            problem = _("No registration method is available; see the status below.")
+        if problem is None and self.logic.method_info(name)["needs_checkpoint"] and not _currentData(self.ui.checkpointComboBox):
+            problem = _("This method is learned: choose a checkpoint.")
+        self.ui.runButton.enabled = problem is None and not running
+        self.ui.runButton.toolTip = problem or _("Register the moving volume onto the fixed volume")
+        self.ui.cancelButton.enabled = running
+
+    def onBrowseCheckpoint(self):
+        path = qt.QFileDialog.getOpenFileName(self.parent, _("Checkpoint"), "", "Checkpoints (*.safetensors)")
+        if path:
+            self.ui.checkpointComboBox.addItem(os.path.basename(path), path)
+            self.ui.checkpointComboBox.setCurrentIndex(self.ui.checkpointComboBox.count - 1)
+
+    # --- run ----------------------------------------------------------------------------------------------
+    def onRun(self):
+        missing = self.logic.missing_dependencies()
+        if missing:
+            if not slicer.util.confirmOkCancelDisplay(
+                    _("IterativeRegistration needs these Python packages: {0}. Install them now?").format(", ".join(missing))):
+                self.ui.statusLabel.text = _("Not started: required packages are missing.")
+                return
+            self.logic.install_dependencies(missing)
+        from iterreg_slicer.worker_timer import WorkerTimer
+        p = self._parameterNode
+        settings = self.logic.settings_from_parameters(p)
+        settings.steps = self.ui.stepsSpinBox.value
+        settings.channel_index = self.ui.channelIndexSpinBox.value
+        fixed, moving = p.GetNodeReference("FixedVolume"), p.GetNodeReference("MovingVolume")
+        try:
+            self.run = self.logic.start(fixed, moving, settings, p.GetNodeReference("FixedLandmarks"),
+                                        p.GetNodeReference("MovingLandmarks"), on_step=self.onStep,
+                                        on_finished=self.onFinished)
+        except (ValueError, RuntimeError) as exc:
+            self.ui.statusLabel.text = str(exc)
+            return
+        self.ui.progressBar.maximum = settings.steps
+        self.ui.progressBar.value = 0
+        self.ui.statusLabel.text = _("Starting the worker...")
+        self.ui.stepSlider.enabled = False
+        self.onOverlayChanged()
+        self._showChart()
+        self.timer = WorkerTimer(self.run)
+        self.timer.start()
+        self.updateRunButton()
+
+    def onCancel(self):
+        if self.run is not None:
+            self.run.cancel()
+            self.ui.statusLabel.text = _("Cancelling after the current step...")
+
+    def onStep(self, run, step):
+        total = run.client.info.get("steps") or self.ui.progressBar.maximum
+        self.ui.progressBar.maximum = total
+        self.ui.progressBar.value = run.steps_done
+        self.ui.statusLabel.text = f"{run.progress_text()} — {step.phase}"
+        if self.ui.channelComboBox.count == 0 and step.channels:
+            self.ui.channelComboBox.addItems(list(step.channels))
+
+    def onFinished(self, run):
+        self.ui.statusLabel.text = run.message
+        browser = run.nodes.get("browser")
+        if browser is not None:
+            self.ui.stepSlider.maximum = browser.GetNumberOfItems() - 1
+            self.ui.stepSlider.value = browser.GetNumberOfItems() - 1
+            self.ui.stepSlider.enabled = True
+        self.updateRunButton()
+
+    def onStepSlider(self, value):
+        browser = self.run.nodes.get("browser") if self.run is not None else None
+        if browser is not None:
+            browser.SetSelectedItemNumber(int(value))
+            self.ui.stepLabel.text = _("step {0}").format(browser.GetMasterSequenceNode().GetNthIndexValue(int(value)))
+
+    def onChannelChanged(self, *_args):
+        if self.run is not None:
+            self.run.settings.channel_index = self.ui.channelIndexSpinBox.value
+            if self.ui.channelComboBox.currentText:
+                self.run.channel_name = self.ui.channelComboBox.currentText
+
+    def onOverlayChanged(self, *_args):
+        from iterreg_slicer.views import show_in_slice_views
+        if self.run is None:
+            return
+        wantChannel = self.ui.overlayComboBox.currentText == "channel" and "channel" in self.run.nodes
+        foreground = self.run.nodes["channel"] if wantChannel else self.run.nodes["warping"]
+        show_in_slice_views(slicer.mrmlScene, self.run.fixed_node, foreground, 0.5)
+
+    def _showChart(self):
+        plots = getattr(getattr(slicer, "modules", None), "plots", None)
+        if plots is not None:
+            plots.logic().ShowChartInLayout(self.run.nodes["chart"])
+
+
+def _currentData(combo):
+    index = combo.currentIndex
+    return combo.itemData(index) if index >= 0 else None
+
+
+def _selectData(combo, value):
+    index = combo.findData(value)
+    if index >= 0:
+        combo.currentIndex = index
+
+
+# --------------------------------------------------------------------------------------------------------------
 class IterativeRegistrationTest(ScriptedLoadableModuleTest):
-    """Runs inside Slicer: the engine registers the bundled pair and beats identity."""
+    """Runs inside Slicer: the engine registers the bundled pair, and the Logic streams a real run into the
+    scene (transform, sequences, plot)."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -46,22 +386,27 @@ class IterativeRegistrationTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_engine_registers_the_bundled_pair()
+        self.setUp()
+        self.test_logic_streams_a_run_into_the_scene()
+
+    def _sample(self):
+        os.environ.setdefault("ITERREG_RESOURCES", os.path.join(_HERE, "..", "Resources"))
+        from iterreg.resources import sample_pair_dir
+        from iterreg.sample_data import read_pair
+        return read_pair(sample_pair_dir())
 
     def test_engine_registers_the_bundled_pair(self):
         self.delayDisplay("Registering the bundled sample pair with the classical optimizer")
-        import SimpleITK as sitk
         import numpy as np
+        import SimpleITK as sitk
         import torch
 
         from iterreg.imaging import prepare_pair
         from iterreg.methods import get_method
         from iterreg.metrics import dice
-        from iterreg.resources import sample_pair_dir
-        from iterreg.sample_data import read_pair
         from iterreg.spatial import warp_labels
 
-        os.environ.setdefault("ITERREG_RESOURCES", os.path.join(_HERE, "..", "Resources"))
-        pair = read_pair(sample_pair_dir())
+        pair = self._sample()
         prepared = prepare_pair(pair.fixed, pair.moving)
         steps = list(get_method("classical").create().run(prepared.fixed, prepared.moving, steps=60))
         moving_labels = torch.from_numpy(sitk.GetArrayFromImage(pair.moving_labels).astype(np.int64))[None, None]
@@ -70,3 +415,24 @@ class IterativeRegistrationTest(ScriptedLoadableModuleTest):
         after = dice(fixed_labels, warp_labels(moving_labels, steps[-1].displacement)[0, 0].numpy())["mean"]
         self.assertGreater(after, before)
         self.delayDisplay(f"Dice {before:.3f} -> {after:.3f} in {len(steps)} steps")
+
+    def test_logic_streams_a_run_into_the_scene(self):
+        self.delayDisplay("Running the classical method through the background worker")
+        import SimpleITK as sitk
+        from iterreg.geometry import Geometry
+        from iterreg_slicer.mrml_arrays import new_volume_like
+        from iterreg_slicer.scene_registration import RunSettings
+
+        pair = self._sample()
+        fixed = new_volume_like(slicer.mrmlScene, "fixed", sitk.GetArrayFromImage(pair.fixed), Geometry.of(pair.fixed))
+        moving = new_volume_like(slicer.mrmlScene, "moving", sitk.GetArrayFromImage(pair.moving),
+                                 Geometry.of(pair.moving))
+        logic = IterativeRegistrationLogic()
+        run = logic.start(fixed, moving, RunSettings(steps=15))
+        while run.poll():
+            slicer.app.processEvents()
+        self.assertEqual(run.state, "completed", run.message)
+        self.assertEqual(run.plot.table.GetTable().GetNumberOfRows(), run.steps_done)
+        self.assertGreater(run.nodes["browser"].GetNumberOfItems(), 1)
+        self.assertIsNone(moving.GetParentTransformNode())
+        self.delayDisplay(run.message)

@@ -332,7 +332,7 @@ def test_zero_copy_views_are_valid_inside_the_callback_and_gone_after_it(tiny_pa
     assert len(steps) == 6 and seen  # steps that found the ring full came without arrays (see result)
     for index, displacement in seen.items():
         np.testing.assert_allclose(displacement, expected_displacement(index, (24, 24, 24))[0], atol=1e-6)
-    assert set(client.result.arrays) == {"displacement", "warped"}  # the result always has both
+    assert set(client.result.arrays) == {"displacement", "warped", "jacobian_determinant"}  # always all three
 
 
 def test_a_failing_step_handler_stops_the_run_and_is_not_called_again(tiny_pair, leak_check):

@@ -113,7 +113,30 @@ def _claim_stdout() -> io.TextIOBase:
     return io.TextIOWrapper(io.FileIO(protocol_fd, "w"), encoding="utf-8", line_buffering=False)
 
 
+def describe_methods() -> list[dict]:
+    """What a panel needs to offer each method, without importing torch into the GUI process."""
+    import dataclasses
+
+    from .methods import available_methods
+
+    described = []
+    for name, cls in available_methods().items():
+        options = {f.name: f.default for f in dataclasses.fields(cls.Options)}
+        described.append({"name": name, "title": cls.title, "description": cls.description,
+                          "default_steps": cls.default_steps, "max_steps": cls.max_steps,
+                          "supported_ndims": list(cls.supported_ndims), "needs_checkpoint": cls.needs_checkpoint,
+                          "options": options})
+    return described
+
+
 def main() -> int:
+    if sys.argv[1:] == ["--describe"]:
+        import torch
+
+        print(json.dumps({"methods": describe_methods(), "cuda": torch.cuda.is_available(),
+                          "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]},
+                         default=list))
+        return 0
     channel = EventChannel(_claim_stdout())
     line = sys.stdin.readline()
     try:
@@ -216,8 +239,12 @@ def _run(job: Job, channel: EventChannel, control: Control, ring: Ring | None) -
                      runtime_s=time.perf_counter() - t_start)
         return EXIT_CODES["ok"]
     # The output never depends on the ring: files in the private job folder, each written then renamed.
+    from .spatial import jacobian_determinant
+
+    outputs = output_arrays(last, ("displacement", "warped"))
+    outputs["jacobian_determinant"] = jacobian_determinant(last.displacement.detach().float())[0].cpu().numpy()
     files = {name: str(save_array(job.folder, f"result_{name}", np.ascontiguousarray(a)))
-             for name, a in output_arrays(last, ("displacement", "warped")).items()}
+             for name, a in outputs.items()}
     channel.send("result", index=last.index, files=files,
                  metrics={k: float(v) for k, v in last.metrics.items()})
     channel.send("done", reason="cancelled" if cancelled else "completed", steps_run=count,

@@ -34,7 +34,8 @@ import numpy as np
 from .errors import InputError
 from .worker_protocol import ArraySpec, Job, RING_SLOTS, slot_names, slot_size, unpack_arrays
 
-__all__ = ["RunRequest", "StepMessage", "WorkerFailure", "WorkerClient", "WorkerStartError", "worker_command"]
+__all__ = ["RunRequest", "StepMessage", "WorkerFailure", "WorkerClient", "WorkerStartError", "worker_command",
+           "describe_methods"]
 
 RUNNING_STATES = ("starting", "running", "cancelling")
 FINAL_STATES = ("completed", "cancelled", "failed")
@@ -130,6 +131,28 @@ def worker_command() -> list[str]:
             beside = Path(python).with_name("PythonSlicer" + Path(python).suffix)
             python = str(beside) if beside.exists() else (shutil.which("PythonSlicer") or python)
     return [python, "-m", "iterreg.worker"]
+
+
+def _worker_environment() -> dict:
+    env = dict(os.environ)
+    engine_parent = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (engine_parent, env.get("PYTHONPATH")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def describe_methods(command: list[str] | None = None, timeout: float = 120.0) -> dict:
+    """Ask a worker interpreter which methods it offers and whether it sees a GPU (``--describe``), so the
+    GUI process never imports torch. Raises ``RuntimeError`` with the interpreter's message on failure."""
+    command = (command or worker_command()) + ["--describe"]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_worker_environment())
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RuntimeError(f"could not ask the worker for its methods ({exc})") from exc
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise RuntimeError(f"the worker could not list its methods: {last}")
+    return json.loads(done.stdout)
 
 
 class _Resources:
@@ -239,10 +262,7 @@ class WorkerClient:
         try:
             r.folder = Path(tempfile.mkdtemp(prefix="iterreg-job-"))  # mode 0700: private to this user
             job = self._write_job(r.folder)
-            env = dict(os.environ)
-            engine_parent = str(Path(__file__).resolve().parents[1])
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (engine_parent, env.get("PYTHONPATH")) if p)
-            env["PYTHONUNBUFFERED"] = "1"
+            env = _worker_environment()
             kwargs = {"start_new_session": True} if os.name == "posix" else {
                 "creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
             r.process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

@@ -5,7 +5,7 @@ PythonQt exposes every Qt class in one module and every Qt *property* as a Pytho
 pytest-qt, so each QObject class here gets one descriptor per meta-property instead:
 get -> ``property(name)``, set -> ``setProperty(name, value)``. Test harness only; never shipped.
 """
-from PySide6 import QtCore, QtGui, QtWidgets
+from PySide6 import QtCore, QtGui, QtUiTools, QtWidgets
 
 
 class _QtProperty:
@@ -35,3 +35,14 @@ for _module in (QtCore, QtGui, QtWidgets):
                 _expose_properties(_item)
 
 Signal, Slot = QtCore.Signal, QtCore.Slot
+QtCore.QObject.name = _QtProperty("objectName")  # PythonQt's alias, used by slicer.util.childWidgetVariables
+
+
+class QUiLoader(QtUiTools.QUiLoader):
+    """Knows the stand-ins for Slicer's custom widgets, as Slicer's loader knows the real ones."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        from slicer_widgets import CUSTOM_WIDGETS
+        for cls in CUSTOM_WIDGETS:
+            self.registerCustomWidget(cls)

@@ -1,0 +1,418 @@
+"""One registration run in a Slicer scene: MRML volumes -> worker -> per-step results in the scene.
+
+Live, each step updates in place: the output grid transform (the moving image, shown under it, warps in
+every view at once: VTK resamples only the displayed slices), the chosen visualisation channel volume and
+the convergence table/chart. At the end (completed, cancelled or failed after some steps): the warped
+volume on the fixed grid, the Jacobian-determinant volume with a folding label map, one sequence per
+per-step output synchronised by one sequence browser (the Sequences toolbar plays and scrubs the steps),
+and a row in the comparison table.
+
+The user's nodes are never modified: the moving image is shown through a separate display node
+(``<moving> (warping)``) that shares its voxels. Every node a run creates carries the attributes
+``IterativeRegistration.run`` and ``IterativeRegistration.role`` so re-runs can replace them.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import slicer
+
+from iterreg.geometry import Geometry
+from iterreg.worker_client import RunRequest, StepMessage, WorkerClient
+
+from .mrml_arrays import landmarks_ras, new_volume_like, set_grid_transform, set_volume_array, volume_array, \
+    volume_geometry
+from .plots import MetricsPlot
+
+__all__ = ["RunSettings", "SceneRegistration", "COMPARISON_TABLE_NAME", "RUN_ATTRIBUTE", "ROLE_ATTRIBUTE"]
+
+RUN_ATTRIBUTE = "IterativeRegistration.run"
+ROLE_ATTRIBUTE = "IterativeRegistration.role"
+PAIR_ATTRIBUTE = "IterativeRegistration.pair"
+COMPARISON_TABLE_NAME = "IterativeRegistration comparison"
+WARPED_PER_STEP_MAX_VOXELS = 100 ** 3  # above this, per-step 3D warps cost more than a step's latency budget
+_COMPARISON_COLUMNS = ("run", "method", "state", "steps", "runtime_s", "similarity", "folding_percent",
+                       "min_jacobian", "tre_before_mm", "tre_after_mm")
+
+
+@dataclass
+class RunSettings:
+    method: str = "classical"
+    steps: int | None = None
+    checkpoint: str | None = None
+    device: str = "auto"
+    threads: int | None = None
+    options: dict = field(default_factory=dict)
+    channel: str | None = None  # which visualisation channel to show; None: the first the method yields
+    channel_index: int = 0  # which map of it (the worker sends maps 0-3 unless told otherwise)
+    channel_volumes: bool = True
+    jacobian: bool = True
+    keep_previous: bool = True  # False: remove earlier outputs of this method on this pair first
+    warped_per_step: bool | None = None  # None: only when the fixed grid has <= 100^3 voxels
+    use_landmarks_as_prompts: bool = False
+    sequence_budget_mb: float = 1024.0  # per-step arrays kept for playback; long runs are thinned evenly
+
+
+@dataclass
+class _Recorded:
+    index: int
+    displacement: np.ndarray
+    warped: np.ndarray | None
+    channel: np.ndarray | None
+
+
+class SceneRegistration:
+    """Drive one run; ``poll()`` from a timer (see ``WorkerTimer``) or ``wait()`` headless."""
+
+    def __init__(self, scene, fixed_node, moving_node, settings: RunSettings, fixed_landmarks=None,
+                 moving_landmarks=None, command: list[str] | None = None,
+                 on_step: Callable[["SceneRegistration", StepMessage], None] | None = None,
+                 on_finished: Callable[["SceneRegistration"], None] | None = None):
+        self.scene, self.fixed_node, self.moving_node, self.settings = scene, fixed_node, moving_node, settings
+        self.fixed_landmarks, self.moving_landmarks = fixed_landmarks, moving_landmarks
+        self.command, self.on_step_callback, self.on_finished_callback = command, on_step, on_finished
+        self.client: WorkerClient | None = None
+        self.geometry: Geometry | None = None
+        self.nodes: dict[str, object] = {}
+        self.plot: MetricsPlot | None = None
+        self.records: list[_Recorded] = []
+        self.record_stride = 1
+        self.steps_done = 0
+        self.steps_total = settings.steps
+        self.started_at = 0.0
+        self.summary: dict = {}
+        self.message = ""
+        self.channel_name: str | None = settings.channel
+        self.run_id = ""
+
+    # --- checks -----------------------------------------------------------------------------------------------
+    @staticmethod
+    def input_problem(fixed_node, moving_node, fixed_landmarks=None, moving_landmarks=None) -> str | None:
+        """Why a run cannot start with these inputs (for the panel's disabled Run button), or None."""
+        if fixed_node is None or moving_node is None:
+            return "Select a fixed and a moving volume."
+        if fixed_node is moving_node:
+            return "Fixed and moving volume are the same node; select two different volumes."
+        for role, node in (("fixed", fixed_node), ("moving", moving_node)):
+            if not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
+                return f"The {role} volume must be a scalar (grey-value) volume, not a label map or vector volume."
+            image = node.GetImageData()
+            if image is None:
+                return f"The {role} volume '{node.GetName()}' has no image data."
+            if image.GetNumberOfScalarComponents() != 1:
+                return f"The {role} volume '{node.GetName()}' has several components per voxel; use a scalar volume."
+            if min(image.GetDimensions()) < 4:
+                return f"The {role} volume '{node.GetName()}' is too small ({image.GetDimensions()}); 3D volumes only."
+            parent = node.GetParentTransformNode()
+            if parent is not None and not parent.IsTransformToWorldLinear():
+                return (f"The {role} volume is under the non-linear transform '{parent.GetName()}'; harden or "
+                        "remove it first.")
+        if (fixed_landmarks is None) != (moving_landmarks is None):
+            return "Select both fixed and moving landmarks, or neither."
+        if fixed_landmarks is not None:
+            nf, nm = fixed_landmarks.GetNumberOfControlPoints(), moving_landmarks.GetNumberOfControlPoints()
+            if nf != nm or nf == 0:
+                return f"Landmarks are paired by order: {nf} fixed but {nm} moving points."
+        return None
+
+    # --- life cycle -------------------------------------------------------------------------------------------
+    def start(self) -> "SceneRegistration":
+        problem = self.input_problem(self.fixed_node, self.moving_node, self.fixed_landmarks, self.moving_landmarks)
+        if problem:
+            raise ValueError(problem)
+        s = self.settings
+        self.geometry = volume_geometry(self.fixed_node)
+        moving_geometry = volume_geometry(self.moving_node)
+        pair_key = f"{self.fixed_node.GetID()}|{self.moving_node.GetID()}|{s.method}"
+        if not s.keep_previous:
+            self.remove_runs(self.scene, pair_key)
+        self.run_id = f"{s.method}-{int(time.time() * 1000) % 10**9}"
+        name = f"{self.moving_node.GetName()} to {self.fixed_node.GetName()} ({s.method})"
+        self.name = _unique_name(self.scene, name)
+        self._tag = {RUN_ATTRIBUTE: self.run_id, PAIR_ATTRIBUTE: pair_key}
+
+        transform = self._new_node("vtkMRMLGridTransformNode", f"{self.name} transform", "transform")
+        set_grid_transform(transform, np.zeros((3, *self.geometry.array_shape), np.float32), self.geometry)
+        warping = self._new_node("vtkMRMLScalarVolumeNode", f"{self.moving_node.GetName()} (warping, {s.method})",
+                                 "warping")
+        warping.SetAndObserveImageData(self.moving_node.GetImageData())  # shares voxels: no copy, no change
+        set_volume_geometry_only(warping, moving_geometry)
+        warping.CreateDefaultDisplayNodes()
+        _copy_window_level(self.moving_node, warping)
+        warping.SetAndObserveTransformNodeID(transform.GetID())
+        self.plot = MetricsPlot(self.scene, self.name, self._tag | {ROLE_ATTRIBUTE: "plot"})
+        self.nodes["table"], self.nodes["chart"] = self.plot.table, self.plot.chart
+
+        warped_per_step = s.warped_per_step
+        if warped_per_step is None:
+            warped_per_step = int(np.prod(self.geometry.array_shape)) <= WARPED_PER_STEP_MAX_VOXELS
+        request = RunRequest(
+            s.method, volume_array(self.fixed_node), self.geometry.to_dict(), volume_array(self.moving_node),
+            moving_geometry.to_dict(), steps=s.steps, checkpoint=s.checkpoint, device=s.device, threads=s.threads,
+            options=dict(s.options), arrays=("displacement", "warped") if warped_per_step else ("displacement",),
+            channels=None if s.channel_volumes else {})
+        if s.use_landmarks_as_prompts and self.fixed_landmarks is not None:
+            request.fixed_landmarks_ras = landmarks_ras(self.fixed_landmarks)
+            request.moving_landmarks_ras = landmarks_ras(self.moving_landmarks)
+        self.client = WorkerClient(request, on_step=self._on_step, on_finished=self._on_finished,
+                                   command=self.command, copy_arrays=False)
+        self.started_at = time.monotonic()
+        self.client.start()
+        return self
+
+    def poll(self) -> bool:
+        return self.client is not None and self.client.poll()
+
+    def wait(self, timeout: float | None = None) -> str:
+        return self.client.wait(timeout)
+
+    def cancel(self) -> None:
+        if self.client is not None:
+            self.client.cancel()
+
+    @property
+    def running(self) -> bool:
+        return self.client is not None and self.client.running
+
+    @property
+    def state(self) -> str:
+        return "idle" if self.client is None else self.client.state
+
+    def progress_text(self) -> str:
+        """``step k/N`` with the time left estimated from the mean step time so far."""
+        total = (self.client.info.get("steps") if self.client else None) or self.steps_total
+        if not self.steps_done:
+            return "starting the worker..." if self.running else ""
+        elapsed = time.monotonic() - self.started_at
+        text = f"step {self.steps_done}/{total}" if total else f"step {self.steps_done}"
+        if total and self.running:
+            left = elapsed / self.steps_done * (total - self.steps_done)
+            text += f", about {left:.0f} s left" + (" (or less: the method stops when converged)" if left > 5 else "")
+        return text
+
+    # --- per step ---------------------------------------------------------------------------------------------
+    def _on_step(self, step: StepMessage) -> None:
+        self.steps_done += 1
+        self.plot.add(step.index, step.metrics)
+        if step.arrays is not None:
+            displacement = step.displacement
+            set_grid_transform(self.nodes["transform"], displacement, self.geometry)
+            channel = self._show_channel(step.channels)
+            self._record(step.index, displacement, step.warped, channel)
+        if self.on_step_callback is not None:
+            self.on_step_callback(self, step)
+
+    def _show_channel(self, channels: dict[str, np.ndarray]) -> np.ndarray | None:
+        if not channels:
+            return None
+        if self.channel_name not in channels:
+            self.channel_name = next(iter(channels))
+        maps = channels[self.channel_name]
+        index = min(max(self.settings.channel_index, 0), maps.shape[0] - 1)
+        array = maps[index]
+        geometry = self.geometry.scaled_to_shape(array.shape)
+        node = self.nodes.get("channel")
+        if node is None:
+            node = self._new_node("vtkMRMLScalarVolumeNode", f"{self.name} channel", "channel")
+            set_volume_array(node, array, geometry)
+            node.CreateDefaultDisplayNodes()
+            display = node.GetDisplayNode()
+            display.SetAndObserveColorNodeID(_first_color(self.scene, ("vtkMRMLColorTableNodeFileColdToHotRainbow.txt",
+                                                                       "vtkMRMLColorTableNodeRainbow")))
+            display.SetAutoWindowLevel(True)
+        else:
+            set_volume_array(node, array, geometry)
+        node.SetAttribute("IterativeRegistration.channel", f"{self.channel_name}[{index}]")
+        return array
+
+    def _record(self, index, displacement, warped, channel) -> None:
+        """Keep copies for playback within the memory budget: when full, keep every other recorded step."""
+        if index % self.record_stride:
+            return
+        self.records.append(_Recorded(index, np.array(displacement, np.float32),
+                                      None if warped is None else np.array(warped, np.float32),
+                                      None if channel is None else np.array(channel, np.float32)))
+        budget = self.settings.sequence_budget_mb * 2**20
+        while len(self.records) > 2 and sum(_nbytes(r) for r in self.records) > budget:
+            self.record_stride *= 2
+            self.records = [r for r in self.records if r.index % self.record_stride == 0]
+
+    # --- end of run -------------------------------------------------------------------------------------------
+    def _on_finished(self, client: WorkerClient) -> None:
+        result = client.result
+        if result is not None and result.arrays:
+            displacement = result.arrays["displacement"]
+            set_grid_transform(self.nodes["transform"], displacement, self.geometry)
+            if not self.records or self.records[-1].index != result.index:  # the last step always plays
+                self.records.append(_Recorded(result.index, displacement, result.arrays.get("warped"), None))
+            self._final_outputs(result.arrays)
+            self._sequences()
+        self.summary = self._summarise(client)
+        self._add_comparison_row()
+        if client.state == "completed":
+            self.message = f"Done: {client.steps_received} steps in {self.summary['runtime_s']:.1f} s."
+        elif client.state == "cancelled":
+            self.message = f"Cancelled after {client.steps_received} steps; the steps so far are kept."
+        else:
+            self.message = f"Failed: {client.failure}"
+        if self.on_finished_callback is not None:
+            self.on_finished_callback(self)
+
+    def _final_outputs(self, arrays: dict[str, np.ndarray]) -> None:
+        warped = self._new_volume(f"{self.name} warped", "warped", arrays["warped"], self.geometry)
+        _copy_window_level(self.moving_node, warped)
+        if self.settings.jacobian and "jacobian_determinant" in arrays:
+            det = arrays["jacobian_determinant"].astype(np.float32)
+            node = self._new_volume(f"{self.name} Jacobian determinant", "jacobian", det, self.geometry)
+            display = node.GetDisplayNode()
+            display.SetAndObserveColorNodeID(_first_color(self.scene, ("vtkMRMLColorTableNodeFileDivergingBlueRed.txt",
+                                                                       "vtkMRMLColorTableNodeRainbow")))
+            display.SetAutoWindowLevel(False)
+            display.SetWindowLevelMinMax(0.0, 2.0)  # 1 = volume preserved, centred
+            folding = (det <= 0).astype(np.uint8)
+            self._new_volume(f"{self.name} folding", "folding", folding, self.geometry, labelmap=True)
+
+    def _sequences(self) -> None:
+        if not self.records:
+            return
+        browser = self._new_node("vtkMRMLSequenceBrowserNode", f"{self.name} steps", "browser")
+        sequences = {"transform": self._new_node("vtkMRMLSequenceNode", f"{self.name} transforms", "transforms")}
+        scratch = slicer.vtkMRMLGridTransformNode()
+        for record in self.records:
+            set_grid_transform(scratch, record.displacement, self.geometry)
+            sequences["transform"].SetDataNodeAtValue(scratch, str(record.index))
+        for key, role in (("warped", "warped volumes"), ("channel", "channel volumes")):
+            items = [r for r in self.records if getattr(r, key) is not None]
+            if not items:
+                continue
+            sequences[key] = self._new_node("vtkMRMLSequenceNode", f"{self.name} {role}", role.replace(" ", "_"))
+            for record in items:
+                array = getattr(record, key)
+                scratch_volume = slicer.vtkMRMLScalarVolumeNode()
+                set_volume_array(scratch_volume, array, self.geometry.scaled_to_shape(array.shape))
+                sequences[key].SetDataNodeAtValue(scratch_volume, str(record.index))
+        for sequence in sequences.values():
+            sequence.SetIndexName("step")
+            sequence.SetIndexUnit("")
+            sequence.SetIndexType(sequence.NumericIndex)
+        browser.SetAndObserveMasterSequenceNodeID(sequences["transform"].GetID())
+        browser.AddProxyNode(self.nodes["transform"], sequences["transform"], False)
+        proxies = {"warped": self.nodes.get("warped"), "channel": self.nodes.get("channel")}
+        for key in ("warped", "channel"):
+            if key in sequences:
+                browser.AddSynchronizedSequenceNodeID(sequences[key].GetID())
+                if proxies[key] is not None:
+                    browser.AddProxyNode(proxies[key], sequences[key], False)
+        browser.SetPlaybackRateFps(10.0)
+        browser.SetPlaybackItemSkippingEnabled(False)
+        browser.SetPlaybackLooped(True)
+        browser.SetSelectedItemNumber(browser.GetNumberOfItems() - 1)
+
+    def _summarise(self, client: WorkerClient) -> dict:
+        last = client.history[-1] if client.history else {}
+        summary = {"run": self.name, "method": self.settings.method, "state": client.state,
+                   "steps": client.steps_received, "runtime_s": time.monotonic() - self.started_at,
+                   "similarity": last.get("similarity", float("nan")),
+                   "folding_percent": last.get("folding_percent", float("nan")),
+                   "min_jacobian": float("nan"), "tre_before_mm": float("nan"), "tre_after_mm": float("nan"),
+                   "message": str(client.failure) if client.failure else ""}
+        if client.result is not None and "jacobian_determinant" in (client.result.arrays or {}):
+            summary["min_jacobian"] = float(client.result.arrays["jacobian_determinant"].min())
+        if self.fixed_landmarks is not None and client.result is not None:
+            fixed, moving = landmarks_ras(self.fixed_landmarks), landmarks_ras(self.moving_landmarks)
+            transform = self.nodes["transform"].GetTransformFromParent()
+            mapped = np.array([transform.TransformPoint(p) for p in fixed])
+            summary["tre_before_mm"] = float(np.linalg.norm(fixed - moving, axis=1).mean())
+            summary["tre_after_mm"] = float(np.linalg.norm(mapped - moving, axis=1).mean())
+        return summary
+
+    def _add_comparison_row(self) -> None:
+        table_node = comparison_table(self.scene)
+        table = table_node.GetTable()
+        row = table.InsertNextBlankRow()
+        for c, key in enumerate(_COMPARISON_COLUMNS):
+            value = self.summary.get(key)
+            text = f"{value:.4g}" if isinstance(value, float) else str(value)
+            table.SetValue(row, c, text)
+        table.Modified()
+        table_node.Modified()
+
+    # --- node helpers -----------------------------------------------------------------------------------------
+    def _new_node(self, class_name: str, name: str, role: str):
+        node = self.scene.AddNewNodeByClass(class_name, name)
+        for k, v in (self._tag | {ROLE_ATTRIBUTE: role}).items():
+            node.SetAttribute(k, v)
+        self.nodes[role] = node
+        return node
+
+    def _new_volume(self, name, role, array, geometry, labelmap=False):
+        node = new_volume_like(self.scene, name, array, geometry, labelmap=labelmap)
+        for k, v in (self._tag | {ROLE_ATTRIBUTE: role}).items():
+            node.SetAttribute(k, v)
+        self.nodes[role] = node
+        return node
+
+    @staticmethod
+    def remove_runs(scene, pair_key: str) -> int:
+        """Remove every node of earlier runs with this fixed/moving/method key; returns how many."""
+        doomed = []
+        for i in range(scene.GetNumberOfNodes()):
+            node = scene.GetNthNode(i)
+            if node.GetAttribute(PAIR_ATTRIBUTE) == pair_key:
+                doomed.append(node)
+        for node in doomed:
+            if node.IsA("vtkMRMLDisplayableNode"):
+                for d in range(node.GetNumberOfDisplayNodes()):
+                    if node.GetNthDisplayNode(d) is not None:
+                        scene.RemoveNode(node.GetNthDisplayNode(d))
+            scene.RemoveNode(node)
+        return len(doomed)
+
+
+def comparison_table(scene):
+    """The table with one row per run (created on first use)."""
+    node = scene.GetFirstNodeByName(COMPARISON_TABLE_NAME)
+    if node is None or not node.IsA("vtkMRMLTableNode"):
+        import vtk
+        node = scene.AddNewNodeByClass("vtkMRMLTableNode", COMPARISON_TABLE_NAME)
+        for key in _COMPARISON_COLUMNS:
+            column = vtk.vtkStringArray()
+            column.SetName(key)
+            node.GetTable().AddColumn(column)
+    return node
+
+
+def set_volume_geometry_only(node, geometry: Geometry) -> None:
+    from .mrml_arrays import numpy_to_matrix
+    node.SetIJKToRASMatrix(numpy_to_matrix(geometry.ijk_to_ras_matrix()))
+
+
+def _copy_window_level(source, target) -> None:
+    src, dst = source.GetDisplayNode(), target.GetDisplayNode()
+    if src is not None and dst is not None:
+        dst.SetAutoWindowLevel(src.GetAutoWindowLevel())
+        if not src.GetAutoWindowLevel():
+            dst.SetWindowLevel(src.GetWindow(), src.GetLevel())
+
+
+def _first_color(scene, ids) -> str:
+    for color_id in ids:
+        if scene.GetNodeByID(color_id) is not None:
+            return color_id
+    return ids[-1]
+
+
+def _nbytes(record: _Recorded) -> int:
+    return sum(a.nbytes for a in (record.displacement, record.warped, record.channel) if a is not None)
+
+
+def _unique_name(scene, name: str) -> str:
+    if scene.GetFirstNodeByName(f"{name} transform") is None:
+        return name
+    k = 2
+    while scene.GetFirstNodeByName(f"{name} {k} transform") is not None:
+        k += 1
+    return f"{name} {k}"

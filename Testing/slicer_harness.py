@@ -185,3 +185,10 @@ def install_module_standins() -> None:
         setattr(module, cls.__name__, cls)
     sys.modules["slicer.ScriptedLoadableModule"] = module
     slicer.ScriptedLoadableModule = module
+
+
+def update_proxies(browser) -> None:
+    """What Slicer's Sequences module does when the browser's selected item changes."""
+    for logic in _logics:
+        if isinstance(logic, slicer.vtkSlicerSequencesLogic):
+            logic.UpdateProxyNodesFromSequences(browser)

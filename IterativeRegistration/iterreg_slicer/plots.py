@@ -26,6 +26,7 @@ class MetricsPlot:
 
     def __init__(self, scene, name: str, tag: dict[str, str] | None = None):
         self.scene = scene
+        self.tag = dict(tag or {})
         self.table = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{name} metrics")
         self.chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{name} convergence")
         self.chart.SetTitle(f"{name}: convergence")
@@ -38,9 +39,12 @@ class MetricsPlot:
         self.table.GetTable().AddColumn(steps)
         for key, legend, colour in STANDARD_SERIES:
             self._add_series(key, legend, colour)
-        for node in self.nodes:
-            for k, v in (tag or {}).items():
-                node.SetAttribute(k, v)
+        for node in (self.table, self.chart):
+            self._tag(node)
+
+    def _tag(self, node) -> None:
+        for k, v in self.tag.items():
+            node.SetAttribute(k, v)
 
     def _add_series(self, key: str, legend: str, colour) -> None:
         column = vtk.vtkDoubleArray()
@@ -56,6 +60,7 @@ class MetricsPlot:
         series.SetPlotType(series.PlotTypeScatter)
         series.SetMarkerStyle(series.MarkerStyleNone)
         series.SetColor(*colour)
+        self._tag(series)
         self.chart.AddAndObservePlotSeriesNodeID(series.GetID())
         self.series[key] = series
         self.nodes.append(series)

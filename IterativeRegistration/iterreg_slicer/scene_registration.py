@@ -251,6 +251,8 @@ class SceneRegistration:
             self._final_outputs(result.arrays)
             self._sequences()
         self.summary = self._summarise(client)
+        if client.steps_received == 0:  # nothing to show: leave the scene as it was before Run
+            self._remove_own_nodes()
         self._add_comparison_row()
         if client.state == "completed":
             self.message = f"Done: {client.steps_received} steps in {self.summary['runtime_s']:.1f} s."
@@ -280,7 +282,10 @@ class SceneRegistration:
             return
         browser = self._new_node("vtkMRMLSequenceBrowserNode", f"{self.name} steps", "browser")
         sequences = {"transform": self._new_node("vtkMRMLSequenceNode", f"{self.name} transforms", "transforms")}
+        # Scrubbing copies an item's content onto the shown (proxy) node, attributes included: items carry the
+        # proxy's attributes so the shown nodes stay recognisable as this run's outputs.
         scratch = slicer.vtkMRMLGridTransformNode()
+        _copy_attributes(self.nodes["transform"], scratch)
         for record in self.records:
             set_grid_transform(scratch, record.displacement, self.geometry)
             sequences["transform"].SetDataNodeAtValue(scratch, str(record.index))
@@ -292,20 +297,20 @@ class SceneRegistration:
             for record in items:
                 array = getattr(record, key)
                 scratch_volume = slicer.vtkMRMLScalarVolumeNode()
+                if self.nodes.get(key) is not None:
+                    _copy_attributes(self.nodes[key], scratch_volume)
                 set_volume_array(scratch_volume, array, self.geometry.scaled_to_shape(array.shape))
                 sequences[key].SetDataNodeAtValue(scratch_volume, str(record.index))
         for sequence in sequences.values():
             sequence.SetIndexName("step")
             sequence.SetIndexUnit("")
             sequence.SetIndexType(sequence.NumericIndex)
-        browser.SetAndObserveMasterSequenceNodeID(sequences["transform"].GetID())
+        # Proxies first, then the master sequence: otherwise the Sequences logic creates proxy nodes of its own.
         browser.AddProxyNode(self.nodes["transform"], sequences["transform"], False)
-        proxies = {"warped": self.nodes.get("warped"), "channel": self.nodes.get("channel")}
         for key in ("warped", "channel"):
-            if key in sequences:
-                browser.AddSynchronizedSequenceNodeID(sequences[key].GetID())
-                if proxies[key] is not None:
-                    browser.AddProxyNode(proxies[key], sequences[key], False)
+            if key in sequences and self.nodes.get(key) is not None:
+                browser.AddProxyNode(self.nodes[key], sequences[key], False)
+        browser.SetAndObserveMasterSequenceNodeID(sequences["transform"].GetID())
         browser.SetPlaybackRateFps(10.0)
         browser.SetPlaybackItemSkippingEnabled(False)
         browser.SetPlaybackLooped(True)
@@ -355,6 +360,11 @@ class SceneRegistration:
         self.nodes[role] = node
         return node
 
+    def _remove_own_nodes(self) -> None:
+        _remove_nodes(self.scene, [n for n in self.nodes.values() if n.GetScene() is self.scene]
+                      + [s for s in (self.plot.series.values() if self.plot else [])])
+        self.nodes = {}
+
     @staticmethod
     def remove_runs(scene, pair_key: str) -> int:
         """Remove every node of earlier runs with this fixed/moving/method key; returns how many."""
@@ -363,13 +373,22 @@ class SceneRegistration:
             node = scene.GetNthNode(i)
             if node.GetAttribute(PAIR_ATTRIBUTE) == pair_key:
                 doomed.append(node)
-        for node in doomed:
-            if node.IsA("vtkMRMLDisplayableNode"):
-                for d in range(node.GetNumberOfDisplayNodes()):
-                    if node.GetNthDisplayNode(d) is not None:
-                        scene.RemoveNode(node.GetNthDisplayNode(d))
-            scene.RemoveNode(node)
+        _remove_nodes(scene, doomed)
         return len(doomed)
+
+
+def _remove_nodes(scene, nodes) -> None:
+    """Remove nodes with their display nodes; sequence browsers first, or the Sequences logic would recreate
+    the proxy nodes of their sequences as soon as those disappear."""
+    nodes = sorted(nodes, key=lambda n: not n.IsA("vtkMRMLSequenceBrowserNode"))
+    for node in nodes:
+        if node.GetScene() is not scene:
+            continue
+        if node.IsA("vtkMRMLDisplayableNode"):
+            for d in range(node.GetNumberOfDisplayNodes()):
+                if node.GetNthDisplayNode(d) is not None:
+                    scene.RemoveNode(node.GetNthDisplayNode(d))
+        scene.RemoveNode(node)
 
 
 def comparison_table(scene):
@@ -388,6 +407,11 @@ def comparison_table(scene):
 def set_volume_geometry_only(node, geometry: Geometry) -> None:
     from .mrml_arrays import numpy_to_matrix
     node.SetIJKToRASMatrix(numpy_to_matrix(geometry.ijk_to_ras_matrix()))
+
+
+def _copy_attributes(source, target) -> None:
+    for name in source.GetAttributeNames():
+        target.SetAttribute(name, source.GetAttribute(name))
 
 
 def _copy_window_level(source, target) -> None:

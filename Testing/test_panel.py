@@ -1,0 +1,154 @@
+"""The module panel under PySide6 (offscreen) through the flat ``qt`` shim, on a real MRML scene.
+
+Specification: Run stays disabled, with a tooltip that says why, until the inputs can run; choosing a
+method sets its step default and range and enables the checkpoint only for learned methods; Run streams
+steps into the progress bar and status, ends with the step slider driving the sequence browser; Cancel
+stops the run and re-enables Run; the parameter node and the panel mirror each other; missing packages are
+installed only after the user agreed.
+"""
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("PySide6")
+slicer_harness = pytest.importorskip("slicer_harness")
+slicer_harness.install_module_standins()
+
+import slicer  # noqa: E402
+
+import IterativeRegistration as module  # noqa: E402
+
+_catalogue = {}
+
+
+@pytest.fixture
+def panel(qtbot, sample_pair):
+    scene = slicer_harness.new_scene()
+    logic = module.IterativeRegistrationLogic()
+    if _catalogue:
+        logic._catalogue = _catalogue["value"]  # ask the worker once per test session
+    widget = module.IterativeRegistrationWidget()
+    widget.logic = logic
+    widget.setup()
+    _catalogue["value"] = logic.method_catalogue()
+    qtbot.addWidget(widget.parent)
+    yield widget, scene
+    widget.cleanup()
+    if widget.run is not None and widget.run.client is not None:
+        widget.run.client.close()
+
+
+def add_pair(scene, sample_pair):
+    return (slicer_harness.add_volume(scene, "fixed", sample_pair.fixed),
+            slicer_harness.add_volume(scene, "moving", sample_pair.moving))
+
+
+def test_run_is_disabled_with_the_reason_until_the_inputs_can_run(panel, sample_pair):
+    widget, scene = panel
+    ui = widget.ui
+    assert not ui.runButton.enabled and ui.runButton.toolTip == "Select a fixed and a moving volume."
+    fixed, moving = add_pair(scene, sample_pair)
+    ui.fixedSelector.setCurrentNode(fixed)
+    ui.movingSelector.setCurrentNode(fixed)
+    assert not ui.runButton.enabled and "same node" in ui.runButton.toolTip
+    ui.movingSelector.setCurrentNode(moving)
+    assert ui.runButton.enabled and ui.runButton.toolTip.startswith("Register")
+    labels = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    assert ui.movingSelector.findText("labels") < 0  # label maps are not offered as images
+
+
+def test_choosing_a_method_sets_its_steps_and_checkpoint_controls(panel):
+    widget, _ = panel
+    ui = widget.ui
+    titles = [ui.methodComboBox.itemText(i) for i in range(ui.methodComboBox.count)]
+    assert any("Classical" in t for t in titles) and any("Identity" in t for t in titles)
+    ui.methodComboBox.currentIndex = ui.methodComboBox.findData("identity")
+    assert ui.stepsSpinBox.value == 1 and ui.stepsSpinBox.maximum == 1
+    assert not ui.checkpointComboBox.enabled and not ui.similarityComboBox.enabled
+    ui.methodComboBox.currentIndex = ui.methodComboBox.findData("classical")
+    assert ui.stepsSpinBox.value == 150 and ui.similarityComboBox.enabled
+    assert widget._parameterNode.GetParameter("Method") == "classical"
+    assert [ui.deviceComboBox.itemData(i) for i in range(ui.deviceComboBox.count)][:2] == ["auto", "cpu"]
+
+
+def test_the_parameter_node_and_the_panel_mirror_each_other(panel, sample_pair):
+    widget, scene = panel
+    fixed, moving = add_pair(scene, sample_pair)
+    p = widget._parameterNode
+    p.SetNodeReferenceID("FixedVolume", fixed.GetID())
+    p.SetNodeReferenceID("MovingVolume", moving.GetID())
+    p.SetParameter("Similarity", "mse")
+    p.SetParameter("Jacobian", "false")
+    widget.updateGUIFromParameterNode()
+    assert widget.ui.fixedSelector.currentNode() is fixed and widget.ui.movingSelector.currentNode() is moving
+    assert widget.ui.similarityComboBox.currentText == "mse" and not widget.ui.jacobianCheckBox.checked
+    widget.ui.regularizationSpinBox.value = 0.25
+    assert float(p.GetParameter("RegularizationWeight")) == 0.25
+    settings = widget.logic.settings_from_parameters(p)
+    assert settings.options["similarity"] == "mse" and settings.options["regularization_weight"] == 0.25
+    assert settings.jacobian is False
+
+
+def test_run_streams_steps_and_the_slider_scrubs_the_result(panel, qtbot, sample_pair):
+    widget, scene = panel
+    ui = widget.ui
+    fixed, moving = add_pair(scene, sample_pair)
+    ui.fixedSelector.setCurrentNode(fixed)
+    ui.movingSelector.setCurrentNode(moving)
+    ui.stepsSpinBox.value = 12
+    statuses = []
+    ui.progressBar.valueChanged.connect(lambda _v: statuses.append(ui.statusLabel.text))
+    ui.runButton.click()
+    assert not ui.runButton.enabled and ui.cancelButton.enabled
+    qtbot.waitUntil(lambda: not widget.run.running, timeout=120000)
+    assert ui.statusLabel.text.startswith("Done: 12 steps") and ui.progressBar.value == 12
+    assert any(s.startswith("step 3/12") for s in statuses)
+    assert ui.runButton.enabled and not ui.cancelButton.enabled
+    browser = widget.run.nodes["browser"]
+    assert ui.stepSlider.enabled and ui.stepSlider.maximum == browser.GetNumberOfItems() - 1
+    ui.stepSlider.value = 2
+    assert browser.GetSelectedItemNumber() == 2 and ui.stepLabel.text == "step 2"
+    composite = scene.GetNthNodeByClass(0, "vtkMRMLSliceCompositeNode")
+    assert composite.GetForegroundVolumeID() == widget.run.nodes["warping"].GetID()
+    ui.overlayComboBox.currentIndex = ui.overlayComboBox.findText("channel")
+    assert composite.GetForegroundVolumeID() == widget.run.nodes["channel"].GetID()
+    assert ui.channelComboBox.currentText == "gradient"
+
+
+def test_cancel_stops_the_run_and_re_enables_run(panel, qtbot, sample_pair):
+    widget, scene = panel
+    ui = widget.ui
+    fixed, moving = add_pair(scene, sample_pair)
+    ui.fixedSelector.setCurrentNode(fixed)
+    ui.movingSelector.setCurrentNode(moving)
+    ui.stepsSpinBox.value = 150
+    ui.runButton.click()
+    qtbot.waitUntil(lambda: widget.run.steps_done >= 3, timeout=60000)
+    ui.cancelButton.click()
+    qtbot.waitUntil(lambda: not widget.run.running, timeout=60000)
+    assert ui.statusLabel.text.startswith("Cancelled after") and ui.runButton.enabled
+    assert widget.run.steps_done < 150
+
+
+def test_missing_packages_are_installed_only_after_the_user_agrees(panel, sample_pair, monkeypatch):
+    widget, scene = panel
+    fixed, moving = add_pair(scene, sample_pair)
+    widget.ui.fixedSelector.setCurrentNode(fixed)
+    widget.ui.movingSelector.setCurrentNode(moving)
+    installed, asked = [], []
+    monkeypatch.setattr(widget.logic, "missing_dependencies", lambda: ["monai>=1.4"])
+    monkeypatch.setattr(widget.logic, "install_dependencies", installed.append)
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, *a, **k: asked.append(text) or False)
+    widget.ui.runButton.click()
+    assert asked and "monai>=1.4" in asked[0] and installed == [] and widget.run is None
+    assert widget.ui.statusLabel.text.startswith("Not started")
+
+
+def test_the_modules_own_self_test_passes_here(monkeypatch, sample_pair):
+    """The ScriptedLoadableModuleTest that Slicer runs, run against the harness (slicer.app stands in)."""
+    import types
+    slicer_harness.new_scene()
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(processEvents=lambda: None), raising=False)
+    case = module.IterativeRegistrationTest()
+    case.setUp()
+    case.test_logic_streams_a_run_into_the_scene()

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("PySide6")
-slicer_harness = pytest.importorskip("slicer_harness")
+
+import slicer_harness  # noqa: E402  (also puts the qt shim and the module folder on sys.path)
 slicer_harness.install_module_standins()
 
 import slicer  # noqa: E402

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-slicer_harness = pytest.importorskip("slicer_harness")
+import slicer_harness  # noqa: E402  (also puts the qt shim and the module folder on sys.path)
 
 from iterreg_slicer.scene_registration import RunSettings, SceneRegistration  # noqa: E402
 from iterreg_slicer.views import show_in_slice_views  # noqa: E402

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-slicer_harness = pytest.importorskip("slicer_harness")
+import slicer_harness  # noqa: E402  (also puts the qt shim and the module folder on sys.path)
 import slicer  # noqa: E402
 
 from iterreg.geometry import Geometry  # noqa: E402

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("PySide6")
+
 sys.path.insert(0, str(Path(__file__).resolve().parent / "qt_shim"))
 
 import qt  # noqa: E402  (the test shim standing in for Slicer's PythonQt)

@@ -89,23 +89,23 @@ def new_volume_like(scene, name: str, array: np.ndarray, geometry: Geometry, lab
     return node
 
 
-def _ras_vectors(displacement_vox: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Voxel field ``[3, k, j, i]`` (array order) -> RAS mm vectors ``[k, j, i, 3]`` (float32)."""
-    ijk_to_ras = _ijk_to_ras(geometry)[:3, :3]
-    per_array_axis = ijk_to_ras[:, ::-1]  # column a = RAS step of array axis a (array axes = reversed ITK)
-    u = np.asarray(displacement_vox, dtype=np.float32)
-    return np.einsum("a...,ra->...r", u, per_array_axis.astype(np.float32), optimize=True)
+def _write_ras_vectors(displacement_vox: np.ndarray, geometry: Geometry, out: np.ndarray) -> None:
+    """Voxel field ``[3, k, j, i]`` (array order) -> RAS mm vectors written into ``out`` ``[k, j, i, 3]``.
+
+    One BLAS product on the ``[3, N]`` field, then one interleaving copy into the grid's own memory
+    (measured at 128^3: ~10 ms; einsum with ``out=`` takes ~26 ms)."""
+    per_array_axis = _ijk_to_ras(geometry)[:3, :3][:, ::-1].astype(np.float32)  # column a: RAS step of axis a
+    u = np.ascontiguousarray(displacement_vox, dtype=np.float32).reshape(3, -1)
+    out.reshape(-1, 3)[...] = (per_array_axis @ u).T
 
 
 def set_grid_transform(node, displacement_vox: np.ndarray, geometry: Geometry) -> None:
     """Show voxel displacement ``[3, k, j, i]`` (fixed grid) as ``node``'s FromParent grid, in place if the grid
     already matches (no new VTK objects per step, so views update cheaply)."""
-    vectors = _ras_vectors(displacement_vox, geometry)
     transform = node.GetTransformFromParent()
     grid = transform.GetDisplacementGrid() if isinstance(transform, slicer.vtkOrientedGridTransform) else None
     if grid is not None and tuple(grid.GetDimensions()) == tuple(geometry.size) and grid.GetScalarType() == vtk.VTK_FLOAT:
-        target = slicer.util.arrayFromGridTransform(node)
-        target[...] = vectors
+        _write_ras_vectors(displacement_vox, geometry, slicer.util.arrayFromGridTransform(node))
         slicer.util.arrayFromGridTransformModified(node)
         return
     ijk_to_ras = _ijk_to_ras(geometry)
@@ -121,8 +121,7 @@ def set_grid_transform(node, displacement_vox: np.ndarray, geometry: Geometry) -
     transform.SetGridDirectionMatrix(numpy_to_matrix(direction))
     transform.SetInterpolationModeToLinear()
     node.SetAndObserveTransformFromParent(transform)
-    target = slicer.util.arrayFromGridTransform(node)
-    target[...] = vectors
+    _write_ras_vectors(displacement_vox, geometry, slicer.util.arrayFromGridTransform(node))
     slicer.util.arrayFromGridTransformModified(node)
 
 

@@ -23,6 +23,7 @@ import slicer
 from iterreg.geometry import Geometry
 from iterreg.worker_client import RunRequest, StepMessage, WorkerClient
 
+from .colors import JACOBIAN_RANGE, diverging_colors, jacobian_colors, show_signed
 from .mrml_arrays import landmarks_ras, new_volume_like, set_grid_transform, set_volume_array, volume_array, \
     volume_geometry
 from .plots import MetricsPlot
@@ -219,12 +220,10 @@ class SceneRegistration:
             node = self._new_node("vtkMRMLScalarVolumeNode", f"{self.name} channel", "channel")
             set_volume_array(node, array, geometry)
             node.CreateDefaultDisplayNodes()
-            display = node.GetDisplayNode()
-            display.SetAndObserveColorNodeID(_first_color(self.scene, ("vtkMRMLColorTableNodeFileColdToHotRainbow.txt",
-                                                                       "vtkMRMLColorTableNodeRainbow")))
-            display.SetAutoWindowLevel(True)
+            node.GetDisplayNode().SetAndObserveColorNodeID(diverging_colors(self.scene).GetID())
         else:
             set_volume_array(node, array, geometry)
+        show_signed(node.GetDisplayNode(), array)
         node.SetAttribute("IterativeRegistration.channel", f"{self.channel_name}[{index}]")
         return array
 
@@ -270,10 +269,9 @@ class SceneRegistration:
             det = arrays["jacobian_determinant"].astype(np.float32)
             node = self._new_volume(f"{self.name} Jacobian determinant", "jacobian", det, self.geometry)
             display = node.GetDisplayNode()
-            display.SetAndObserveColorNodeID(_first_color(self.scene, ("vtkMRMLColorTableNodeFileDivergingBlueRed.txt",
-                                                                       "vtkMRMLColorTableNodeRainbow")))
+            display.SetAndObserveColorNodeID(jacobian_colors(self.scene).GetID())
             display.SetAutoWindowLevel(False)
-            display.SetWindowLevelMinMax(0.0, 2.0)  # 1 = volume preserved, centred
+            display.SetWindowLevelMinMax(*JACOBIAN_RANGE)
             folding = (det <= 0).astype(np.uint8)
             self._new_volume(f"{self.name} folding", "folding", folding, self.geometry, labelmap=True)
 
@@ -420,13 +418,6 @@ def _copy_window_level(source, target) -> None:
         dst.SetAutoWindowLevel(src.GetAutoWindowLevel())
         if not src.GetAutoWindowLevel():
             dst.SetWindowLevel(src.GetWindow(), src.GetLevel())
-
-
-def _first_color(scene, ids) -> str:
-    for color_id in ids:
-        if scene.GetNodeByID(color_id) is not None:
-            return color_id
-    return ids[-1]
 
 
 def _nbytes(record: _Recorded) -> int:

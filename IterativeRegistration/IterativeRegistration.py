@@ -12,6 +12,7 @@ import qt
 import slicer
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
 
 try:  # Slicer >= 5.6 has translations; older versions fall back to plain strings
     from slicer.i18n import tr as _
@@ -121,12 +122,13 @@ class IterativeRegistrationLogic(ScriptedLoadableModuleLogic):
 
 
 # --------------------------------------------------------------------------------------------------------------
-class IterativeRegistrationWidget(ScriptedLoadableModuleWidget):
+class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """The panel. PythonQt style (properties as attributes, ``signal.connect``) so it also runs on PySide6
     through the test harness's flat ``qt`` shim."""
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
         self.logic = None
         self._parameterNode = None
         self._updatingGUI = False
@@ -164,8 +166,25 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget):
         self.ui.stepSlider.valueChanged.connect(self.onStepSlider)
         self.ui.channelIndexSpinBox.valueChanged.connect(self.onChannelChanged)
         self.ui.channelComboBox.currentIndexChanged.connect(self.onChannelChanged)
+        # A closed scene takes the parameter node (and any run's nodes) with it: stop and start afresh.
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.setParameterNode(self.logic.getParameterNode())
         self.onMethodChanged()
+
+    def enter(self):
+        self.setParameterNode(self.logic.getParameterNode())
+
+    def onSceneStartClose(self, caller, event):
+        self._stopRun()
+        self.run = None
+        self._parameterNode = None
+        self.ui.stepSlider.enabled = False
+        self.ui.statusLabel.text = ""
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isVisible():
+            self.setParameterNode(self.logic.getParameterNode())
 
     def _fillMethods(self):
         try:
@@ -183,8 +202,13 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget):
             self.ui.deviceComboBox.addItem(f"GPU {i}: {name}", f"cuda:{i}")
 
     def cleanup(self):
+        self.removeObservers()
+        self._stopRun()
+
+    def _stopRun(self):
         if self.run is not None and self.run.running:
             self.run.cancel()
+            self.run.wait(timeout=30)  # the worker stops at the next step; its files and memory are freed
 
     # --- parameter node <-> GUI ---------------------------------------------------------------------------
     def setParameterNode(self, parameterNode):

@@ -152,3 +152,19 @@ def test_the_modules_own_self_test_passes_here(monkeypatch, sample_pair):
     case = module.IterativeRegistrationTest()
     case.setUp()
     case.test_logic_streams_a_run_into_the_scene()
+
+
+def test_closing_the_scene_stops_the_run_and_starts_afresh(panel, qtbot, sample_pair):
+    widget, scene = panel
+    fixed, moving = add_pair(scene, sample_pair)
+    widget.ui.fixedSelector.setCurrentNode(fixed)
+    widget.ui.movingSelector.setCurrentNode(moving)
+    widget.ui.stepsSpinBox.value = 150
+    widget.ui.runButton.click()
+    qtbot.waitUntil(lambda: widget.run.steps_done >= 2, timeout=60000)
+    client = widget.run.client
+    widget.parent.show()
+    scene.Clear(0)
+    assert not client.running and widget.run is None
+    assert widget._parameterNode is not None and widget._parameterNode.GetScene() is scene
+    assert not widget.ui.runButton.enabled  # the volumes are gone

@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from functools import lru_cache
 from importlib import util as importlib_util
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from .landmarks import read_landmarks, write_markups_json
 from .spatial import (compose, gaussian_smooth, integrate_velocity, sample_displacement_at,
                       warp, warp_labels)
 
-__all__ = ["mni_template", "make_pair", "make_slice_pair", "make_series", "SamplePair", "write_pair",
+__all__ = ["mni_template", "make_pair", "deformed_template", "make_slice_pair", "make_series", "SamplePair", "write_pair",
            "read_pair", "LABEL_NAMES", "SOURCE"]
 
 LABEL_NAMES = {1: "CSF/other brain", 2: "grey matter", 3: "white matter"}
@@ -195,6 +196,7 @@ def _as_3d(points: np.ndarray) -> np.ndarray:
     return np.concatenate([points, np.zeros((len(points), 1))], axis=1)
 
 
+@lru_cache(maxsize=4)
 def _template_tensors(size: int) -> tuple[torch.Tensor, torch.Tensor, Geometry]:
     t1, labels = mni_template(size)
     return (torch.from_numpy(sitk.GetArrayFromImage(t1))[None, None],
@@ -208,6 +210,21 @@ def make_pair(size: int = 64, seed: int = 0, magnitude_mm: float = 10.0, intensi
         raise ValueError("magnitude_mm must be within 0-20 mm")
     template, labels, geometry = _template_tensors(size)
     return _deformed_pair(template, labels, geometry, seed, magnitude_mm, intensity_change, n_landmarks)
+
+
+def deformed_template(size: int = 64, seed: int = 0, magnitude_mm: float = 6.0,
+                      intensity_change: bool = True) -> tuple[torch.Tensor, torch.Tensor, Geometry]:
+    """One random diffeomorphic deformation of the template (image ``[1, 1, *shape]`` 0-255 and labels):
+    a synthetic "subject" for training. Any two of them form a pair (cheaper than ``make_pair``)."""
+    template, labels, geometry = _template_tensors(size)
+    generator = torch.Generator().manual_seed(seed)
+    velocity = random_velocity(template.shape[2:], 1.0, generator)
+    peak_mm = float(integrate_velocity(velocity).norm(dim=1).max()) * min(geometry.spacing)
+    phi = integrate_velocity(velocity * (magnitude_mm / max(peak_mm, 1e-8)))
+    image = warp(template, phi)
+    if intensity_change:
+        image, _ = _intensity_change(image, generator)
+    return image, warp_labels(labels, phi), geometry
 
 
 def _axial_slice(size: int) -> tuple[torch.Tensor, torch.Tensor, Geometry]:

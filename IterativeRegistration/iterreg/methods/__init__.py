@@ -5,10 +5,12 @@ from ..errors import InputError
 from .base import MethodOptions, Prompts, RegistrationMethod, Step
 from .classical import ClassicalMethod
 from .identity import IdentityMethod
+from .voxelmorph import VoxelMorphMethod
 
 __all__ = ["available_methods", "get_method", "register_method", "Step", "Prompts", "RegistrationMethod", "MethodOptions"]
 
-_METHODS: dict[str, type[RegistrationMethod]] = {m.name: m for m in (IdentityMethod, ClassicalMethod)}
+_METHODS: dict[str, type[RegistrationMethod]] = {m.name: m for m in (IdentityMethod, ClassicalMethod,
+                                                                     VoxelMorphMethod)}
 
 
 def available_methods() -> dict[str, type[RegistrationMethod]]:

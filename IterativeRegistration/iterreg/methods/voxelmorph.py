@@ -1,0 +1,89 @@
+"""VoxelMorph (Balakrishnan et al., IEEE TMI 2019): one U-Net pass predicts the displacement.
+
+The common baseline of the five iterative papers: a single step, no iteration. Trained with
+``Training/`` (similarity + lambda * diffusion); weights come from a checkpoint.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from .base import MethodOptions, Prompts, RegistrationMethod, Step, standard_step_metrics
+from ..checkpoints import read_checkpoint
+from ..errors import InputError
+from ..networks.unet import UNet, UNetConfig, pad_to_multiple
+from ..spatial import spatial_ndim, warp
+
+
+@dataclass(frozen=True)
+class VoxelMorphOptions(MethodOptions):
+    feature_maps: int = 4  # decoder feature maps exposed as the "features" channel
+
+
+class VoxelMorphMethod(RegistrationMethod):
+    name = "voxelmorph"
+    title = "VoxelMorph (one-step U-Net baseline)"
+    description = "A single U-Net pass predicts the displacement; the baseline the iterative methods improve on."
+    default_steps = 1
+    max_steps = 1
+    needs_checkpoint = True
+    Options = VoxelMorphOptions
+
+    def __init__(self, network: UNet, metadata: dict, options: VoxelMorphOptions | None = None, device="cpu"):
+        super().__init__(options, device)
+        self.network = network.to(self.device).eval()
+        self.metadata = metadata
+        training = metadata.get("training", {})
+        self.similarity = training.get("similarity", "lncc")
+        self.similarity_kwargs = {"window": training.get("window", 9)} if self.similarity == "lncc" else {}
+
+    # --- training hooks (used by Training/) -------------------------------------------------------------------
+    @staticmethod
+    def build_network(architecture: dict) -> UNet:
+        return UNet(UNetConfig.from_dict(architecture))
+
+    @staticmethod
+    def default_architecture(ndim: int) -> dict:
+        return UNetConfig(ndim=ndim, in_channels=2, out_channels=ndim).to_dict()
+
+    @staticmethod
+    def predict(network: UNet, fixed: torch.Tensor, moving: torch.Tensor) -> list[torch.Tensor]:
+        """The displacement of every step (one here), differentiable, for the training loss."""
+        x, crop = pad_to_multiple(torch.cat([moving, fixed], dim=1), network.config.multiple)
+        return [network(x)[crop]]
+
+    # --- inference --------------------------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu", options=None) -> "VoxelMorphMethod":
+        weights, metadata = read_checkpoint(path, cls.name)
+        try:
+            network = cls.build_network(metadata["architecture"])
+            network.load_state_dict(weights, strict=True)
+        except (KeyError, TypeError, RuntimeError) as exc:
+            raise InputError(f"checkpoint '{path}' does not match the {cls.name} architecture it declares: "
+                             f"{str(exc).splitlines()[0]}") from None
+        return cls(network, metadata, cls.Options.from_dict(options), device)
+
+    def check_inputs(self, fixed, moving, steps):
+        steps = super().check_inputs(fixed, moving, steps)
+        if spatial_ndim(fixed) != self.network.config.ndim:
+            raise InputError(f"this checkpoint was trained on {self.network.config.ndim}D images; the inputs are "
+                             f"{spatial_ndim(fixed)}D")
+        return steps
+
+    @torch.no_grad()
+    def run(self, fixed, moving, steps=None, prompts: Prompts | None = None,
+            init: torch.Tensor | None = None) -> Iterator[Step]:
+        self.check_inputs(fixed, moving, steps)
+        if init is not None:  # a one-shot network cannot refine: report, do not silently ignore
+            raise InputError("voxelmorph predicts in one step and cannot continue from a previous field")
+        fixed, moving = fixed.to(self.device), moving.to(self.device)
+        displacement = self.predict(self.network, fixed, moving)[0]
+        warped = warp(moving, displacement)
+        metrics = standard_step_metrics(fixed, warped, displacement, None, self.similarity, self.similarity_kwargs)
+        crop = tuple(slice(0, n) for n in fixed.shape[2:])
+        features = self.network.features[0][(slice(0, self.options.feature_maps), *crop)]
+        yield Step(0, displacement, warped, metrics, channels={"features": features}, phase="one U-Net pass",
+                   final=True)

@@ -1,0 +1,107 @@
+"""The VoxelMorph-style U-Net (Balakrishnan et al. 2019), the backbone the five papers compare against.
+
+Encoder: strided 3x3(x3) convolutions (LeakyReLU 0.2), one per level; decoder: convolution, upsample x2,
+concatenate the skip of the same resolution; after the last upsampling the remaining decoder features run at
+full resolution; a final convolution (initialised near zero, as in VoxelMorph) gives ``out_channels``.
+Default widths are VoxelMorph-2: encoder 16-32-32-32, decoder 32-32-32-32-32-16-16.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["UNet", "UNetConfig"]
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    ndim: int = 3
+    in_channels: int = 2
+    out_channels: int = 3
+    encoder: tuple = (16, 32, 32, 32)
+    decoder: tuple = (32, 32, 32, 32, 32, 16, 16)
+    final_init_std: float = 1e-5
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "UNetConfig":
+        data = dict(data)
+        for key in ("encoder", "decoder"):
+            if key in data:
+                data[key] = tuple(int(v) for v in data[key])
+        return cls(**data)
+
+    @property
+    def multiple(self) -> int:
+        """Spatial sizes must be multiples of this (one halving per encoder level)."""
+        return 2 ** len(self.encoder)
+
+
+def _conv(ndim: int, cin: int, cout: int, stride: int = 1) -> nn.Module:
+    conv = (nn.Conv2d if ndim == 2 else nn.Conv3d)(cin, cout, 3, stride=stride, padding=1)
+    return nn.Sequential(conv, nn.LeakyReLU(0.2))
+
+
+class UNet(nn.Module):
+    def __init__(self, config: UNetConfig = UNetConfig()):
+        super().__init__()
+        c = config
+        if len(c.decoder) < len(c.encoder):
+            raise ValueError("the decoder needs at least one convolution per encoder level")
+        self.config = c
+        self.encoder = nn.ModuleList()
+        cin = c.in_channels
+        skips = [c.in_channels]
+        for width in c.encoder:
+            self.encoder.append(_conv(c.ndim, cin, width, stride=2))
+            cin = width
+            skips.append(width)
+        skips.pop()  # the deepest level has no skip
+        self.decoder = nn.ModuleList()
+        for width in c.decoder[:len(c.encoder)]:
+            self.decoder.append(_conv(c.ndim, cin, width))
+            cin = width + skips.pop()
+        self.extra = nn.ModuleList()
+        for width in c.decoder[len(c.encoder):]:
+            self.extra.append(_conv(c.ndim, cin, width))
+            cin = width
+        self.head = (nn.Conv2d if c.ndim == 2 else nn.Conv3d)(cin, c.out_channels, 3, padding=1)
+        nn.init.normal_(self.head.weight, 0.0, c.final_init_std)
+        nn.init.zeros_(self.head.bias)
+        self.features: torch.Tensor | None = None  # last full-resolution features (a visualisation channel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape[2:]
+        if any(n % self.config.multiple for n in shape):
+            raise ValueError(f"U-Net input {tuple(shape)} must be a multiple of {self.config.multiple} per axis; "
+                             "pad it first (see pad_to_multiple)")
+        skips = [x]
+        for block in self.encoder:
+            x = block(x)
+            skips.append(x)
+        skips.pop()
+        mode = "bilinear" if self.config.ndim == 2 else "trilinear"
+        for block in self.decoder:
+            x = block(x)
+            x = F.interpolate(x, scale_factor=2, mode=mode, align_corners=False)
+            x = torch.cat([x, skips.pop()], dim=1)
+        for block in self.extra:
+            x = block(x)
+        self.features = x.detach()
+        return self.head(x)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Zero-pad the spatial axes at their end to multiples of ``multiple``; returns the crop back."""
+    shape = x.shape[2:]
+    target = [-(-n // multiple) * multiple for n in shape]
+    pad = []
+    for n, t in reversed(list(zip(shape, target))):
+        pad += [0, t - n]
+    crop = (slice(None), slice(None), *[slice(0, n) for n in shape])
+    return (F.pad(x, pad) if any(pad) else x), crop

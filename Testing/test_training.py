@@ -1,0 +1,325 @@
+"""The Training package: configs, the three dataset formats and their bad-input errors, training from the CLI,
+exact resume after kill -9, two-rank DDP with torchrun on CPU, and checkpoints that load everywhere."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from iterreg.errors import InputError
+
+TINY = ["--set", "data.shape=[32,32,32]", "--set", "data.synthetic_subjects=4", "--set", "data.validation_pairs=1",
+        "--set", "training.validate_every=2", "--set", "training.checkpoint_every=2", "--threads", "1", "--quiet"]
+
+
+def train_cli(*args) -> int:
+    from iterreg_train.cli import main
+    return main(["train", "--method", "voxelmorph", "--data", "synthetic", *TINY, *args])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "vxm"
+    assert train_cli("--out", str(out), "--iterations", "4") == 0
+    return out
+
+
+# --- configs -------------------------------------------------------------------------------------------------
+def test_config_defaults_come_from_the_paper_and_overrides_nest():
+    from iterreg_train.config import load_config
+    config = load_config("voxelmorph", overrides=["optimizer.lr=0.001", "loss.window=5", "data.shape=[48,48,48]"])
+    assert config["optimizer"]["lr"] == 0.001 and config["loss"]["window"] == 5
+    assert config["loss"]["similarity"] == "lncc" and config["loss"]["regularization_weight"] == 1.0
+    assert config["data"]["shape"] == [48, 48, 48]
+    with pytest.raises(InputError, match="unknown config key 'loss.windw'"):
+        load_config("voxelmorph", overrides=["loss.windw=5"])
+    with pytest.raises(InputError, match="optimizer.lr must be > 0"):
+        load_config("voxelmorph", overrides=["optimizer.lr=0"])
+    with pytest.raises(InputError, match="no training config for method 'classical'"):
+        load_config("classical")
+
+
+# --- datasets ------------------------------------------------------------------------------------------------
+def small_images(sample_pair, count: int) -> list[tuple[sitk.Image, sitk.Image]]:
+    """Crops of the sample pair's images and labels: little 'subjects' for dataset tests."""
+    images = []
+    for k in range(count):
+        source = sample_pair.fixed if k % 2 == 0 else sample_pair.moving
+        labels = sample_pair.fixed_labels if k % 2 == 0 else sample_pair.moving_labels
+        o = 16 + k
+        images.append((source[o:o + 24, o:o + 24, 20:44], labels[o:o + 24, o:o + 24, 20:44]))
+    return images
+
+
+@pytest.fixture
+def image_folder(tmp_path, sample_pair):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    for k, (image, labels) in enumerate(small_images(sample_pair, 5)):
+        sitk.WriteImage(image, str(tmp_path / "images" / f"s{k}.nii.gz"))
+        sitk.WriteImage(labels, str(tmp_path / "labels" / f"s{k}.nii.gz"))
+    return tmp_path
+
+
+@pytest.fixture
+def learn2reg(tmp_path, sample_pair):
+    root = tmp_path / "L2R"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    entries = []
+    for k, (image, labels) in enumerate(small_images(sample_pair, 5)):
+        sitk.WriteImage(image, str(root / "imagesTr" / f"TASK_{k:04d}_0000.nii.gz"))
+        sitk.WriteImage(labels, str(root / "labelsTr" / f"TASK_{k:04d}_0000.nii.gz"))
+        entries.append({"image": f"./imagesTr/TASK_{k:04d}_0000.nii.gz", "label": f"./labelsTr/TASK_{k:04d}_0000.nii.gz"})
+    meta = {"name": "TASK", "training": entries, "pairings": "unpaired", "numTraining": 5,
+            "registration_val": [{"fixed": "./imagesTr/TASK_0003_0000.nii.gz", "moving": "./imagesTr/TASK_0004_0000.nii.gz"}]}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root / "dataset.json"
+
+
+def test_synthetic_pairs_are_real_anatomy_on_the_training_grid():
+    from iterreg_train.datasets import SyntheticSource
+    source = SyntheticSource((32, 32, 32), subjects=3, validation_pairs=1)
+    pair = source.train_pair(np.random.default_rng(0))
+    assert pair.fixed.shape == pair.moving.shape == (1, 32, 32, 32) and 0 <= pair.fixed.min() < pair.fixed.max() <= 1
+    assert set(torch.unique(pair.fixed_labels).tolist()) == {0, 1, 2, 3}
+    validation = source.validation_pairs()[0]
+    assert validation.fixed_points.shape == validation.moving_points.shape == (20, 3)
+    with pytest.raises(InputError, match="generated on cubes"):
+        SyntheticSource((32, 32, 48))
+
+
+def test_a_folder_of_images_with_labels(image_folder):
+    from iterreg_train.datasets import FolderSource
+    source = FolderSource(image_folder, (16, 16, 16))
+    pair = source.train_pair(np.random.default_rng(1))
+    assert pair.fixed.shape == (1, 16, 16, 16) and pair.fixed_labels.shape == (1, 16, 16, 16)
+    assert len(source.validation_pairs()) == 2 and source.summary()["images"] == 5
+
+
+def test_a_folder_with_listed_pairs(image_folder):
+    from iterreg_train.datasets import FolderSource
+    (image_folder / "pairs.csv").write_text("fixed,moving,split\ns0.nii.gz,s1.nii.gz,train\ns2.nii.gz,s3.nii.gz,validation\n")
+    source = FolderSource(image_folder, (16, 16, 16))
+    assert source.train_pair(np.random.default_rng(0)).name == "s0.nii.gz <- s1.nii.gz"
+    assert [p.name for p in source.validation_pairs()] == ["s2.nii.gz <- s3.nii.gz"]
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("no_images", "has no images/ folder"),
+    ("one_image", "registration needs at least 2"),
+    ("label_off_grid", "is not on the grid of its image"),
+    ("missing_label", "label map '.*s1.nii.gz' does not exist"),
+    ("pairs_without_validation", "the validation split is empty"),
+    ("pairs_missing_file", "image '.*nope.nii.gz' does not exist"),
+])
+def test_folder_datasets_explain_what_is_wrong(image_folder, sample_pair, damage, expected):
+    from iterreg_train.datasets import FolderSource
+    if damage == "no_images":
+        (image_folder / "images").rename(image_folder / "imgs")
+    elif damage == "one_image":
+        for p in list((image_folder / "images").iterdir())[1:]:
+            p.unlink()
+    elif damage == "label_off_grid":
+        sitk.WriteImage(sample_pair.fixed_labels, str(image_folder / "labels" / "s1.nii.gz"))
+    elif damage == "missing_label":
+        (image_folder / "labels" / "s1.nii.gz").unlink()
+    elif damage == "pairs_without_validation":
+        (image_folder / "pairs.csv").write_text("fixed,moving,split\ns0.nii.gz,s1.nii.gz,train\n")
+    elif damage == "pairs_missing_file":
+        (image_folder / "pairs.csv").write_text("fixed,moving,split\ns0.nii.gz,nope.nii.gz,train\n")
+    with pytest.raises(InputError, match=expected):
+        source = FolderSource(image_folder, (16, 16, 16))
+        rng = np.random.default_rng(0)
+        for _ in range(12):  # random pairs: within a few draws every training subject is read
+            source.train_pair(rng)
+
+
+def test_a_learn2reg_dataset(learn2reg):
+    from iterreg_train.datasets import Learn2RegSource
+    source = Learn2RegSource(learn2reg, (16, 16, 16))
+    pair = source.train_pair(np.random.default_rng(0))
+    assert pair.fixed_labels is not None and pair.fixed.shape == (1, 16, 16, 16)
+    assert "TASK_0003" not in pair.name and "TASK_0004" not in pair.name  # validation subjects stay out
+    (validation,) = source.validation_pairs()
+    assert validation.name == "TASK_0003_0000.nii.gz <- TASK_0004_0000.nii.gz"
+    assert source.summary()["training_images"] == 3
+
+
+def test_a_paired_learn2reg_dataset_uses_its_pairs(learn2reg):
+    from iterreg_train.datasets import Learn2RegSource
+    meta = json.loads(learn2reg.read_text())
+    meta["pairings"] = "paired"
+    meta["training_paired_images"] = [{"fixed": "./imagesTr/TASK_0000_0000.nii.gz",
+                                       "moving": "./imagesTr/TASK_0001_0000.nii.gz"}]
+    learn2reg.write_text(json.dumps(meta))
+    source = Learn2RegSource(learn2reg, (16, 16, 16))
+    assert source.train_pair(np.random.default_rng(5)).name == "TASK_0000_0000.nii.gz <- TASK_0001_0000.nii.gz"
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("missing_json", "does not exist"),
+    ("bad_json", "is not valid JSON"),
+    ("empty_validation", "empty validation split"),
+    ("missing_image", "TASK_0002_0000.nii.gz' does not exist"),
+    ("too_few_training", "has no training pairs"),
+])
+def test_learn2reg_datasets_explain_what_is_wrong(learn2reg, damage, expected):
+    from iterreg_train.datasets import Learn2RegSource
+    meta = json.loads(learn2reg.read_text())
+    path = learn2reg
+    if damage == "missing_json":
+        path = learn2reg.with_name("nope.json")
+    elif damage == "bad_json":
+        learn2reg.write_text("{not json")
+    elif damage == "empty_validation":
+        meta["registration_val"] = []
+    elif damage == "missing_image":
+        (learn2reg.parent / "imagesTr" / "TASK_0002_0000.nii.gz").unlink()
+    elif damage == "too_few_training":
+        meta["training"] = meta["training"][3:]
+    if damage not in ("missing_json", "bad_json"):
+        learn2reg.write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=expected):
+        Learn2RegSource(path, (16, 16, 16))
+
+
+# --- training, checkpoints, resume, DDP -------------------------------------------------------------------------
+def test_training_from_the_cli_writes_checkpoints_logs_and_the_effective_config(tiny_run):
+    from iterreg.checkpoints import read_checkpoint
+    for name in ("config.yaml", "last_state.pt", "last.safetensors", "best.safetensors", "history.jsonl"):
+        assert (tiny_run / name).is_file(), name
+    weights, meta = read_checkpoint(tiny_run / "last.safetensors", "voxelmorph")
+    assert meta["training"]["iteration"] == 4 and meta["data"]["kind"] == "synthetic"
+    assert meta["architecture"]["encoder"] == [16, 32, 32, 32]
+    assert meta["architecture"]["decoder"] == [32, 32, 32, 32, 32, 16, 16]
+    assert "dice" in meta["metrics"] and meta["code_version"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tiny_run / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()
+    assert {"train/loss", "train/step_loss/1", "validation/dice", "validation/tre_mm"} <= set(tags["scalars"])
+    assert "validation/fixed_moving_warped_field" in tags["images"]
+
+
+def test_an_existing_run_is_not_overwritten_without_resume(tiny_run, capsys):
+    assert train_cli("--out", str(tiny_run), "--iterations", "4") == 2
+    assert "pass --resume" in capsys.readouterr().err
+
+
+def test_resume_after_kill_9_reproduces_an_uninterrupted_run(tmp_path):
+    command = [sys.executable, "-m", "iterreg_train", "train", "--method", "voxelmorph", "--data", "synthetic",
+               *TINY, "--iterations", "12"]
+    straight = tmp_path / "straight"
+    subprocess.run([*command, "--out", str(straight)], check=True, timeout=300, capture_output=True)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([*command, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (killed / "last_state.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    interrupted_at = torch.load(killed / "last_state.pt", weights_only=True)["iteration"]
+    assert interrupted_at < 12, "the run finished before it could be killed"
+    subprocess.run([*command, "--out", str(killed), "--resume"], check=True, timeout=300, capture_output=True)
+
+    from iterreg.checkpoints import read_checkpoint
+    a, _ = read_checkpoint(straight / "last.safetensors")
+    b, meta = read_checkpoint(killed / "last.safetensors")
+    assert meta["training"]["iteration"] == 12
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_with_torchrun_see_different_data_and_agree_on_the_weights(tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), "-m", "iterreg_train", "train", "--method", "voxelmorph",
+               "--data", "synthetic", *TINY, "--iterations", "4", "--out", str(out), "--device", "cpu",
+               "--debug-ranks"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    reports = sorted((json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"rank"')),
+                     key=lambda r: r["rank"])
+    assert [r["rank"] for r in reports] == [0, 1] and all(r["world"] == 2 for r in reports)
+    assert reports[0]["first_pairs"] != reports[1]["first_pairs"]  # each rank draws its own pairs
+    assert reports[0]["checksum"] == pytest.approx(reports[1]["checksum"], rel=0, abs=1e-9)  # same weights
+    assert len(list((out / "tensorboard").iterdir())) == 1  # only rank 0 writes
+
+
+# --- the checkpoint everywhere ---------------------------------------------------------------------------------
+def test_the_checkpoint_runs_in_the_cli(tiny_run, sample_dir, tmp_path):
+    from iterreg.cli import main
+    from iterreg.sample_data import PAIR_FILES
+    code = main(["register", str(sample_dir / PAIR_FILES["fixed"]), str(sample_dir / PAIR_FILES["moving"]),
+                 "--method", "voxelmorph", "--checkpoint", str(tiny_run / "best.safetensors"),
+                 "--out", str(tmp_path / "out"), "--quiet"])
+    assert code == 0 and (tmp_path / "out" / "displacement.nii.gz").is_file()
+
+
+def test_the_checkpoint_runs_in_the_worker(tiny_run, sample_pair, leak_check):
+    from test_worker import request_from
+    from iterreg.worker_client import WorkerClient
+    client = WorkerClient(request_from(sample_pair, "voxelmorph", checkpoint=str(tiny_run / "best.safetensors")))
+    leak_check(client)
+    client.start().wait(timeout=120)
+    assert client.state == "completed", client.failure
+    assert client.result.displacement.shape == (3, 64, 64, 64) and client.steps_received == 1
+
+
+def test_the_checkpoint_runs_in_the_module(tiny_run, sample_pair):
+    import slicer_harness
+    from iterreg_slicer.scene_registration import RunSettings, SceneRegistration
+    scene = slicer_harness.new_scene()
+    fixed = slicer_harness.add_volume(scene, "fixed", sample_pair.fixed)
+    moving = slicer_harness.add_volume(scene, "moving", sample_pair.moving)
+    run = SceneRegistration(scene, fixed, moving,
+                            RunSettings(method="voxelmorph", checkpoint=str(tiny_run / "best.safetensors")))
+    run.start().wait(timeout=120)
+    assert run.state == "completed", run.message
+    assert run.nodes["browser"].GetNumberOfItems() == 1 and "features" == run.channel_name
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("not_safetensors", "is not a readable .safetensors checkpoint"),
+    ("other_method", "holds weights for method 'other'"),
+    ("wrong_architecture", "does not match the voxelmorph architecture"),
+])
+def test_bad_checkpoints_are_refused_without_running_anything(tiny_run, tmp_path, damage, expected):
+    from iterreg.checkpoints import read_checkpoint, save_checkpoint
+    from iterreg.methods import get_method
+    path = tmp_path / "bad.safetensors"
+    weights, meta = read_checkpoint(tiny_run / "best.safetensors")
+    if damage == "not_safetensors":
+        path.write_bytes(b"\x80\x04 this is a pickle, not weights")
+    elif damage == "other_method":
+        save_checkpoint(path, weights, {**meta, "method": "other"})
+    elif damage == "wrong_architecture":
+        save_checkpoint(path, weights, {**meta, "architecture": {**meta["architecture"], "encoder": [8, 8, 8, 8]}})
+    with pytest.raises(InputError, match=expected):
+        get_method("voxelmorph").create(path)
+
+
+def test_evaluate_prints_the_benchmark_table(tiny_run, capsys):
+    from iterreg_train.cli import main
+    assert main(["evaluate", "--checkpoint", str(tiny_run / "best.safetensors"), "--data", "synthetic"]) == 0
+    out = capsys.readouterr().out
+    assert "identity" in out and "voxelmorph" in out and "Dice" in out and "TRE mm" in out

@@ -1,0 +1,332 @@
+"""The training loop, for any learned method that offers the training hooks (``build_network``,
+``default_architecture``, ``predict``): CPU, one GPU, or many through ``torchrun`` (DDP).
+
+Run folder: ``config.yaml`` (effective config), ``last_state.pt`` (everything needed to resume: weights,
+optimizer, scheduler, every rank's RNG states; written atomically), ``last.safetensors`` and
+``best.safetensors`` (checkpoints the module loads), ``history.jsonl`` (validation), ``tensorboard/``.
+Only rank 0 writes. Resuming after a kill continues from the last saved iteration and reproduces an
+uninterrupted run exactly on the same machine (deterministic CPU kernels).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from iterreg import losses
+from iterreg.atomic import atomic_file
+from iterreg.checkpoints import save_checkpoint
+from iterreg.devices import resolve_device
+from iterreg.errors import InputError
+from iterreg.methods import get_method
+from iterreg.metrics import dice
+from iterreg.spatial import sample_displacement_at, warp, warp_labels
+
+from .datasets import Pair, PairSource
+
+__all__ = ["train", "registration_loss", "Distributed"]
+
+STATE_FILE = "last_state.pt"
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environment(cls, device: torch.device) -> "Distributed":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def registration_loss(fixed, moving, displacements, loss_config: dict, fixed_labels=None, moving_labels=None,
+                      step_weights=None) -> tuple[torch.Tensor, dict]:
+    """Weighted sum over the method's steps of similarity + lambda * regularizer (+ Dice with labels)."""
+    sim_kwargs = {"window": loss_config["window"]} if loss_config["similarity"] == "lncc" else {}
+    weights = step_weights or [1.0] * len(displacements)
+    if len(weights) != len(displacements):
+        raise InputError(f"loss.step_weights has {len(weights)} entries for {len(displacements)} steps")
+    total = 0.0
+    parts = {"similarity": 0.0, "regularizer": 0.0, "steps": []}
+    for weight, u in zip(weights, displacements):
+        warped = warp(moving, u)
+        sim = losses.similarity_loss(loss_config["similarity"], fixed, warped, **sim_kwargs)
+        reg = losses.regularizer_loss(loss_config["regularizer"], u)
+        step = sim + loss_config["regularization_weight"] * reg
+        if loss_config.get("dice_weight", 0) > 0 and fixed_labels is not None and moving_labels is not None:
+            step = step + loss_config["dice_weight"] * _soft_dice_loss(fixed_labels, moving_labels, u)
+        total = total + weight * step
+        parts["steps"].append(float(step.detach()))
+    parts["similarity"], parts["regularizer"] = float(sim.detach()), float(reg.detach())
+    return total, parts
+
+
+def _soft_dice_loss(fixed_labels, moving_labels, u) -> torch.Tensor:
+    from monai.losses import DiceLoss
+    values = torch.unique(torch.cat([fixed_labels.flatten(), moving_labels.flatten()]))
+    fixed_1h = torch.stack([(fixed_labels[:, 0] == v).float() for v in values], 1)
+    moving_1h = torch.stack([(moving_labels[:, 0] == v).float() for v in values], 1)
+    return DiceLoss(include_background=False)(warp(moving_1h, u), fixed_1h)
+
+
+def _batch(pairs: list[Pair], device) -> dict:
+    stack = lambda key: torch.stack([getattr(p, key) for p in pairs]).to(device)  # noqa: E731
+    batch = {"fixed": stack("fixed"), "moving": stack("moving"), "fixed_labels": None, "moving_labels": None}
+    if all(p.fixed_labels is not None for p in pairs):
+        batch["fixed_labels"], batch["moving_labels"] = stack("fixed_labels"), stack("moving_labels")
+    return batch
+
+
+def _augment(pair: Pair, rng: np.random.Generator) -> Pair:
+    """Flip both images (and labels) along random axes: the same anatomy, another orientation."""
+    axes = [1 + a for a in range(pair.fixed.dim() - 1) if rng.random() < 0.5]
+    if not axes:
+        return pair
+    flip = lambda t: None if t is None else torch.flip(t, axes)  # noqa: E731
+    return Pair(flip(pair.fixed), flip(pair.moving), flip(pair.fixed_labels), flip(pair.moving_labels),
+                spacing=pair.spacing, name=pair.name + " (flipped)")
+
+
+@torch.no_grad()
+def validate(method_cls, network, pairs: list[Pair], loss_config: dict, device) -> dict:
+    network.eval()
+    sim_kwargs = {"window": loss_config["window"]} if loss_config["similarity"] == "lncc" else {}
+    scores = {"similarity": [], "dice": [], "tre_mm": []}
+    for pair in pairs:
+        fixed, moving = pair.fixed[None].to(device), pair.moving[None].to(device)
+        u = method_cls.predict(network, fixed, moving)[-1]
+        scores["similarity"].append(float(losses.similarity_loss(loss_config["similarity"], fixed, warp(moving, u),
+                                                                 **sim_kwargs)))
+        if pair.fixed_labels is not None:
+            warped = warp_labels(pair.moving_labels[None].to(device), u)[0, 0].cpu().numpy()
+            scores["dice"].append(dice(pair.fixed_labels[0].numpy(), warped)["mean"])
+        if pair.fixed_points is not None:
+            mapped = pair.fixed_points + sample_displacement_at(u.cpu(), pair.fixed_points)
+            spacing = torch.tensor(pair.spacing or (1.0,) * u.shape[1])
+            scores["tre_mm"].append(float(((mapped - pair.moving_points) * spacing).norm(dim=1).mean()))
+    network.train()
+    return {k: float(np.mean(v)) for k, v in scores.items() if v}
+
+
+def _score(metrics: dict) -> float:
+    """Higher is better: Dice if there are labels, else minus TRE, else minus the similarity loss."""
+    if "dice" in metrics:
+        return metrics["dice"]
+    if "tre_mm" in metrics:
+        return -metrics["tre_mm"]
+    return -metrics["similarity"]
+
+
+def train(config: dict, source: PairSource, out: str | Path, resume: bool = False, device: str = "auto",
+          progress: bool = True, debug_ranks: bool = False) -> dict:
+    out = Path(out)
+    device_t = resolve_device(device)
+    ddp = Distributed.from_environment(device_t)
+    if device_t.type == "cuda" and ddp.world > 1:
+        device_t = torch.device(f"cuda:{ddp.local_rank}")
+        torch.cuda.set_device(device_t)
+    state_path = out / STATE_FILE
+    if ddp.main:
+        if state_path.exists() and not resume:
+            raise InputError(f"'{out}' already holds a training run; pass --resume to continue it or choose a new --out")
+        if resume and not state_path.exists():
+            raise InputError(f"nothing to resume in '{out}' ({STATE_FILE} is missing); drop --resume to start afresh")
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_file(out / "config.yaml") as tmp:
+            tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    t_cfg, loss_cfg, opt_cfg = config["training"], config["loss"], config["optimizer"]
+    method_cls = get_method(config["method"])
+    if not hasattr(method_cls, "predict"):
+        raise InputError(f"method '{config['method']}' cannot be trained (it has no training hooks)")
+    ndim = len(config["data"]["shape"])
+    architecture = config.get("architecture") or method_cls.default_architecture(ndim)
+    torch.manual_seed(t_cfg["seed"])  # identical initial weights on every rank
+    random.seed(t_cfg["seed"])
+    network = method_cls.build_network(architecture).to(device_t)
+    model = network
+    if ddp.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            network, device_ids=[device_t.index] if device_t.type == "cuda" else None)
+    optimizer = torch.optim.Adam(network.parameters(), lr=opt_cfg["lr"], weight_decay=opt_cfg["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
+    data_rng = np.random.default_rng([t_cfg["seed"], ddp.rank])  # each rank draws its own pairs
+    start, best, history = 0, -float("inf"), []
+
+    if resume:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)  # tensors and plain data only
+        network.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        rng = state["rng"][ddp.rank]
+        torch.set_rng_state(rng["torch"])
+        data_rng.bit_generator.state = json.loads(rng["numpy"])
+        start, best, history = state["iteration"], state["best"], json.loads(state["history"])
+
+    writer = None
+    if ddp.main:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(out / "tensorboard"), purge_step=start if resume else None)
+    validation = source.validation_pairs() if ddp.main else []
+    bar = None
+    if ddp.main and progress:
+        from tqdm import tqdm
+        bar = tqdm(total=t_cfg["iterations"], initial=start, desc=f"train {config['method']}", unit="it")
+
+    amp = bool(t_cfg.get("amp")) and device_t.type == "cuda"
+    network.train()
+    seen = []
+    t0 = time.perf_counter()
+    for iteration in range(start, t_cfg["iterations"]):
+        pairs = [source.train_pair(data_rng) for _ in range(t_cfg["batch_size"])]
+        if config["data"].get("augment"):
+            pairs = [_augment(p, data_rng) for p in pairs]
+        seen.append(pairs[0].name)
+        batch = _batch(pairs, device_t)
+        with torch.autocast(device_t.type, dtype=torch.bfloat16, enabled=amp):
+            displacements = _predict(method_cls, model, batch["fixed"], batch["moving"])
+        loss, parts = registration_loss(batch["fixed"], batch["moving"], [u.float() for u in displacements], loss_cfg,
+                                        batch["fixed_labels"], batch["moving_labels"], loss_cfg.get("step_weights"))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        done = iteration + 1
+        if writer is not None and (done % t_cfg["log_every"] == 0 or done == 1):
+            writer.add_scalar("train/loss", float(loss.detach()), done)
+            writer.add_scalar("train/similarity", parts["similarity"], done)
+            writer.add_scalar("train/regularizer", parts["regularizer"], done)
+            writer.add_scalar("train/lr", scheduler.get_last_lr()[0], done)
+            for t, value in enumerate(parts["steps"]):
+                writer.add_scalar(f"train/step_loss/{t + 1}", value, done)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+        if ddp.main and (done % t_cfg["validate_every"] == 0 or done == t_cfg["iterations"]):
+            metrics = validate(method_cls, network, validation, loss_cfg, device_t)
+            history.append({"iteration": done, **metrics})
+            for key, value in metrics.items():
+                writer.add_scalar(f"validation/{key}", value, done)
+            writer.add_image("validation/fixed_moving_warped_field", _picture(method_cls, network, validation[0],
+                                                                              device_t), done)
+            if _score(metrics) > best:
+                best = _score(metrics)
+                save_checkpoint(out / "best.safetensors", network.state_dict(),
+                                _metadata(config, architecture, source, metrics, done, ndim))
+            with atomic_file(out / "history.jsonl") as tmp:
+                tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+        if done % t_cfg["checkpoint_every"] == 0 or done == t_cfg["iterations"]:
+            _save_state(out, ddp, network, optimizer, scheduler, data_rng, done, best, history, config,
+                        architecture, source, ndim)
+    if bar is not None:
+        bar.close()
+    if writer is not None:
+        writer.close()
+    if debug_ranks:
+        checksum = float(sum(p.double().sum() for p in network.parameters()))
+        print(json.dumps({"rank": ddp.rank, "world": ddp.world, "first_pairs": seen[:3], "checksum": checksum}),
+              flush=True)
+    if ddp.world > 1:
+        dist.barrier()
+    return {"iterations": t_cfg["iterations"], "seconds": time.perf_counter() - t0,
+            "validation": history[-1] if history else {}, "rank": ddp.rank}
+
+
+def _predict(method_cls, model, fixed, moving):
+    # DDP must see the forward call on the wrapper for its gradient hooks; ``predict`` calls model(x).
+    return method_cls.predict(model, fixed, moving) if not hasattr(model, "module") else \
+        method_cls.predict(_DDPView(model), fixed, moving)
+
+
+class _DDPView(torch.nn.Module):
+    """``predict`` reads ``network.config``; DDP hides it under ``.module``."""
+
+    def __init__(self, ddp_model):
+        super().__init__()
+        self.ddp = ddp_model
+        self.config = ddp_model.module.config
+
+    def forward(self, x):
+        return self.ddp(x)
+
+
+def _schedule(config: dict):
+    total = config["training"]["iterations"]
+    warmup = config["schedule"].get("warmup_iterations", 0)
+    name = config["schedule"]["name"]
+    if name not in ("constant", "cosine"):
+        raise InputError(f"unknown schedule '{name}'; choose constant or cosine")
+
+    def factor(i: int) -> float:
+        if warmup and i < warmup:
+            return (i + 1) / warmup
+        if name == "cosine":
+            return 0.5 * (1 + np.cos(np.pi * min(i, total) / total))
+        return 1.0
+    return factor
+
+
+def _metadata(config, architecture, source, metrics, iteration, ndim) -> dict:
+    loss = config["loss"]
+    return {"method": config["method"], "architecture": architecture, "ndim": ndim,
+            "training": {"similarity": loss["similarity"], "window": loss["window"], "iteration": iteration,
+                         "config": config},
+            "preprocessing": {"resample": "moving onto the fixed grid (linear, physical space)",
+                              "intensity": "clip to the (1, 99) percentiles, scale to [0, 1]",
+                              "training_shape": list(config["data"]["shape"])},
+            "data": source.summary(), "metrics": metrics}
+
+
+def _save_state(out, ddp, network, optimizer, scheduler, data_rng, done, best, history, config, architecture,
+                source, ndim) -> None:
+    rng = {"torch": torch.get_rng_state(), "numpy": json.dumps(data_rng.bit_generator.state)}
+    every_rank = [rng]
+    if ddp.world > 1:
+        every_rank = [None] * ddp.world
+        dist.all_gather_object(every_rank, rng)
+    if not ddp.main:
+        return
+    state = {"iteration": done, "model": network.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "rng": every_rank, "best": best, "history": json.dumps(history)}
+    with atomic_file(out / STATE_FILE) as tmp:
+        torch.save(state, tmp)
+    metrics = history[-1] if history else {}
+    save_checkpoint(out / "last.safetensors", network.state_dict(),
+                    _metadata(config, architecture, source, metrics, done, ndim))
+
+
+def _picture(method_cls, network, pair: Pair, device) -> torch.Tensor:
+    """[3, H, 4W] image: fixed | moving | warped | displacement magnitude, central slice."""
+    with torch.no_grad():
+        network.eval()
+        fixed, moving = pair.fixed[None].to(device), pair.moving[None].to(device)
+        u = method_cls.predict(network, fixed, moving)[-1]
+        warped = warp(moving, u)
+        network.train()
+    magnitude = u.norm(dim=1, keepdim=True)
+    magnitude = magnitude / magnitude.max().clamp_min(1e-6)
+    tiles = []
+    for volume in (fixed, moving, warped, magnitude):
+        array = volume[0, 0].float().cpu()
+        if array.dim() == 3:
+            array = array[array.shape[0] // 2]
+        tiles.append(torch.flip(array.clamp(0, 1), [0]))
+    return torch.cat(tiles, dim=1)[None].expand(3, -1, -1)

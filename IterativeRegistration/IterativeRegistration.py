@@ -272,10 +272,14 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             return
         info = self.logic.method_info(name)
         self._updatingGUI = True
+        self.ui.stepsSpinBox.minimum = 1
         self.ui.stepsSpinBox.maximum = info["max_steps"]
         self.ui.stepsSpinBox.value = info["default_steps"]
         self._updatingGUI = False
         self.ui.methodDescriptionLabel.text = info["description"]
+        self.ui.checkpointComboBox.clear()
+        for path in info.get("bundled_checkpoints", []):
+            self.ui.checkpointComboBox.addItem(_("{0} (bundled)").format(os.path.basename(path)), path)
         self.ui.checkpointComboBox.enabled = info["needs_checkpoint"]
         self.ui.checkpointBrowseButton.enabled = info["needs_checkpoint"]
         options = info["options"]

@@ -87,7 +87,9 @@ def _demo(args) -> int:
     set_cpu_threads(args.threads)
     device = resolve_device(args.device)
     pair_dir = sample_pair_dir()
-    methods = args.methods or [name for name, cls in available_methods().items() if not cls.needs_checkpoint]
+    from .resources import default_checkpoint
+    methods = args.methods or [name for name, cls in available_methods().items()
+                               if not cls.needs_checkpoint or default_checkpoint(name) is not None]
     print(f"IterativeRegistration demo: sample pair {pair_dir.name}, device {device}, methods {', '.join(methods)}")
     rows = []
     for name in methods:

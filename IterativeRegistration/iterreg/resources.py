@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["resources_dir", "sample_pair_dir", "DEMO_PAIR"]
+__all__ = ["resources_dir", "sample_pair_dir", "DEMO_PAIR", "bundled_checkpoints", "default_checkpoint"]
 
 DEMO_PAIR = "mni_64"
 
@@ -16,7 +16,9 @@ DEMO_PAIR = "mni_64"
 def resources_dir() -> Path:
     env = os.environ.get("ITERREG_RESOURCES")
     candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / "Resources")
+    here = Path(__file__).resolve()
+    candidates.append(here.parents[2] / "Resources")  # source checkout: <repo>/Resources
+    candidates.append(here.parents[1] / "Resources")  # installed extension: qt-scripted-modules/Resources
     for candidate in candidates:
         if (candidate / "SampleData").is_dir():
             return candidate
@@ -26,3 +28,30 @@ def resources_dir() -> Path:
 
 def sample_pair_dir(name: str = DEMO_PAIR) -> Path:
     return resources_dir() / "SampleData" / name
+
+
+def bundled_checkpoints() -> dict[str, list[Path]]:
+    """Method name -> bundled checkpoints (``Resources/Checkpoints/*.safetensors``), read from their headers."""
+    import json
+
+    from safetensors import safe_open
+
+    found: dict[str, list[Path]] = {}
+    try:
+        folder = resources_dir() / "Checkpoints"
+    except FileNotFoundError:
+        return found
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                method = json.loads((handle.metadata() or {})["iterreg"])["method"]
+        except (OSError, KeyError, ValueError):
+            continue  # not one of ours: ignore rather than offer it
+        found.setdefault(method, []).append(path)
+    return found
+
+
+def default_checkpoint(method: str) -> Path | None:
+    """The bundled checkpoint a learned method uses when none is given."""
+    paths = bundled_checkpoints().get(method)
+    return paths[0] if paths else None

@@ -118,14 +118,16 @@ def describe_methods() -> list[dict]:
     import dataclasses
 
     from .methods import available_methods
+    from .resources import bundled_checkpoints
 
+    bundled = bundled_checkpoints()
     described = []
     for name, cls in available_methods().items():
         options = {f.name: f.default for f in dataclasses.fields(cls.Options)}
         described.append({"name": name, "title": cls.title, "description": cls.description,
                           "default_steps": cls.default_steps, "max_steps": cls.max_steps,
                           "supported_ndims": list(cls.supported_ndims), "needs_checkpoint": cls.needs_checkpoint,
-                          "options": options})
+                          "bundled_checkpoints": [str(p) for p in bundled.get(name, [])], "options": options})
     return described
 
 

@@ -111,8 +111,11 @@ class RegistrationMethod(ABC):
                 raise InputError(f"method '{cls.name}' is not learned and takes no checkpoint; drop the checkpoint")
             return cls(cls.Options.from_dict(options), device)
         if checkpoint is None:
-            raise InputError(f"method '{cls.name}' is learned and needs a checkpoint (.safetensors): choose a "
-                             "bundled one or train one with the Training package")
+            from ..resources import default_checkpoint
+            checkpoint = default_checkpoint(cls.name)  # the bundled demo checkpoint, when there is one
+        if checkpoint is None:
+            raise InputError(f"method '{cls.name}' is learned and needs a checkpoint (.safetensors): none is "
+                             "bundled for it; train one with the Training package (iterreg-train)")
         path = Path(checkpoint)
         if not path.is_file():
             raise InputError(f"checkpoint '{path}' does not exist; choose an existing .safetensors file")

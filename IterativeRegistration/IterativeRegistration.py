@@ -353,7 +353,8 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         total = run.client.info.get("steps") or self.ui.progressBar.maximum
         self.ui.progressBar.maximum = total
         self.ui.progressBar.value = run.steps_done
-        self.ui.statusLabel.text = f"{run.progress_text()} — {step.phase}"
+        note = f" (note: {run.warnings[-1]})" if run.warnings else ""
+        self.ui.statusLabel.text = f"{run.progress_text()} — {step.phase}{note}"
         if self.ui.channelComboBox.count == 0 and step.channels:
             self.ui.channelComboBox.addItems(list(step.channels))
 

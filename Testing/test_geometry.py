@@ -109,3 +109,14 @@ def test_scaled_geometry_agrees_with_resized_displacement_in_millimetres():
     np.testing.assert_allclose(coarse.array_index_to_lps(np.array([[6.0, 8.0, 10.0]])),
                                OBLIQUE_3D.array_index_to_lps(np.array(OBLIQUE_3D.array_shape, float)[None] - 1),
                                atol=1e-9)
+
+
+def test_ras_vectors_written_into_a_float32_buffer_match_the_lps_definition():
+    direction = np.array([[0.0, 1, 0], [-1, 0, 0], [0, 0, 1]]).ravel()
+    geometry = Geometry((5, 4, 3), (1.2, 0.7, 2.0), (1.0, 2.0, 3.0), tuple(direction))
+    u = np.random.default_rng(0).standard_normal((3, *geometry.array_shape))
+    expected = geometry.displacement_voxels_to_lps(u) @ np.diag([-1.0, -1.0, 1.0])
+    np.testing.assert_allclose(geometry.displacement_voxels_to_ras(u), expected, atol=1e-12)
+    buffer = np.empty((*geometry.array_shape, 3), np.float32)
+    assert geometry.displacement_voxels_to_ras(u, out=buffer) is buffer
+    np.testing.assert_allclose(buffer, expected, atol=1e-5)

@@ -168,3 +168,19 @@ def test_closing_the_scene_stops_the_run_and_starts_afresh(panel, qtbot, sample_
     assert not client.running and widget.run is None
     assert widget._parameterNode is not None and widget._parameterNode.GetScene() is scene
     assert not widget.ui.runButton.enabled  # the volumes are gone
+
+
+def test_a_learned_method_offers_its_bundled_checkpoint(panel, sample_pair):
+    widget, scene = panel
+    ui = widget.ui
+    fixed, moving = add_pair(scene, sample_pair)
+    ui.fixedSelector.setCurrentNode(fixed)
+    ui.movingSelector.setCurrentNode(moving)
+    ui.methodComboBox.currentIndex = ui.methodComboBox.findData("voxelmorph")
+    assert ui.checkpointComboBox.enabled and ui.checkpointComboBox.count >= 1
+    assert ui.checkpointComboBox.itemText(0).endswith("(bundled)")
+    assert ui.stepsSpinBox.maximum == 1 and ui.runButton.enabled
+    assert widget._parameterNode.GetParameter("Checkpoint").endswith(".safetensors")
+    ui.checkpointComboBox.clear()
+    widget.updateRunButton()
+    assert not ui.runButton.enabled and ui.runButton.toolTip == "This method is learned: choose a checkpoint."

@@ -323,3 +323,23 @@ def test_evaluate_prints_the_benchmark_table(tiny_run, capsys):
     assert main(["evaluate", "--checkpoint", str(tiny_run / "best.safetensors"), "--data", "synthetic"]) == 0
     out = capsys.readouterr().out
     assert "identity" in out and "voxelmorph" in out and "Dice" in out and "TRE mm" in out
+
+
+def test_the_bundled_checkpoint_beats_identity_on_the_sample_pair(sample_pair):
+    """The demo checkpoint in Resources/Checkpoints is found by default and improves the bundled pair."""
+    from iterreg.imaging import prepare_pair
+    from iterreg.methods import get_method
+    from iterreg.metrics import dice
+    from iterreg.resources import default_checkpoint
+    from iterreg.spatial import warp_labels
+
+    assert default_checkpoint("voxelmorph") is not None
+    method = get_method("voxelmorph").create()  # no checkpoint given: the bundled one
+    prepared = prepare_pair(sample_pair.fixed, sample_pair.moving)
+    (step,) = list(method.run(prepared.fixed, prepared.moving))
+    fixed_labels = sitk.GetArrayFromImage(sample_pair.fixed_labels)
+    moving_labels = torch.from_numpy(sitk.GetArrayFromImage(sample_pair.moving_labels).astype(np.int64))[None, None]
+    before = dice(fixed_labels, moving_labels[0, 0].numpy())["mean"]
+    after = dice(fixed_labels, warp_labels(moving_labels, step.displacement)[0, 0].numpy())["mean"]
+    assert after > before + 0.02, (before, after)
+    assert step.metrics["folding_percent"] < 0.5

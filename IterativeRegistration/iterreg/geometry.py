@@ -153,9 +153,22 @@ class Geometry:
         u_ijk = np.asarray(vectors, dtype=np.float64) @ a_inv.T
         return np.moveaxis(u_ijk, -1, 0)[::-1].copy()
 
-    def displacement_voxels_to_ras(self, displacement: np.ndarray) -> np.ndarray:
-        """Voxel field -> RAS mm vectors ``[*array_shape, ndim]`` (what Slicer's grid transform holds)."""
-        return self.displacement_voxels_to_lps(displacement) @ _lps_ras_flip(self.ndim)
+    def array_axes_to_ras(self) -> np.ndarray:
+        """``[ndim, ndim]`` matrix whose column ``a`` is the RAS mm step of one voxel along array axis ``a``."""
+        return (_lps_ras_flip(self.ndim) @ self.direction_matrix @ np.diag(self.spacing))[:, ::-1]
+
+    def displacement_voxels_to_ras(self, displacement: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Voxel field -> RAS mm vectors ``[*array_shape, ndim]`` (what Slicer's grid transform holds).
+
+        ``out`` (e.g. a grid transform's own float32 memory) receives the vectors without a temporary of its
+        size: one matrix product on the ``[ndim, N]`` field, then one interleaving copy."""
+        u = np.asarray(displacement)
+        dtype = out.dtype if out is not None else np.float64
+        vectors = (self.array_axes_to_ras().astype(dtype) @ u.reshape(u.shape[0], -1).astype(dtype, copy=False)).T
+        if out is None:
+            return vectors.reshape(*u.shape[1:], u.shape[0])
+        out.reshape(-1, u.shape[0])[...] = vectors
+        return out
 
     def displacement_ras_to_voxels(self, vectors: np.ndarray) -> np.ndarray:
         return self.displacement_lps_to_voxels(np.asarray(vectors, dtype=np.float64) @ _lps_ras_flip(self.ndim))

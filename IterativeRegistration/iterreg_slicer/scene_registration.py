@@ -88,6 +88,7 @@ class SceneRegistration:
         self.message = ""
         self.channel_name: str | None = settings.channel
         self.run_id = ""
+        self.warnings: list[str] = []
 
     # --- checks -----------------------------------------------------------------------------------------------
     @staticmethod
@@ -159,7 +160,7 @@ class SceneRegistration:
             request.fixed_landmarks_ras = landmarks_ras(self.fixed_landmarks)
             request.moving_landmarks_ras = landmarks_ras(self.moving_landmarks)
         self.client = WorkerClient(request, on_step=self._on_step, on_finished=self._on_finished,
-                                   command=self.command, copy_arrays=False)
+                                   on_log=self._on_log, command=self.command, copy_arrays=False)
         self.started_at = time.monotonic()
         self.client.start()
         return self
@@ -193,6 +194,11 @@ class SceneRegistration:
             left = elapsed / self.steps_done * (total - self.steps_done)
             text += f", about {left:.0f} s left" + (" (or less: the method stops when converged)" if left > 5 else "")
         return text
+
+    def _on_log(self, level: str, text: str) -> None:
+        """Warnings the user should see (e.g. channels shown at reduced resolution) are kept for the panel."""
+        if level == "warning":
+            self.warnings.append(text)
 
     # --- per step ---------------------------------------------------------------------------------------------
     def _on_step(self, step: StepMessage) -> None:

@@ -207,6 +207,8 @@ def train(config: dict, source: PairSource, out: str | Path, resume: bool = Fals
                                         batch["fixed_labels"], batch["moving_labels"], loss_cfg.get("step_weights"))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if opt_cfg.get("grad_clip"):  # a rare extreme pair must not throw the weights away (see Docs/training.md)
+            torch.nn.utils.clip_grad_norm_(network.parameters(), opt_cfg["grad_clip"])
         optimizer.step()
         scheduler.step()
         done = iteration + 1

@@ -127,7 +127,9 @@ def main() -> int:
     from iterreg.methods import available_methods
     from iterreg.sample_data import make_pair, write_pair
 
-    methods = args.methods or [n for n, c in available_methods().items() if not c.needs_checkpoint]
+    from iterreg.resources import default_checkpoint
+    methods = args.methods or [n for n, c in available_methods().items()
+                               if not c.needs_checkpoint or default_checkpoint(n) is not None]
     if elastix_available():
         methods.append("elastix")
     else:
@@ -160,7 +162,7 @@ def main() -> int:
         print(f"elastix mean runtime in this run: {ref:.1f} s")
     if not args.no_write:
         body = "\n".join([
-            f"## Classical baselines on generated MNI pairs ({args.size}^3)",
+            f"## Baselines on generated MNI pairs ({args.size}^3): identity, classical, learned one-step, elastix",
             "",
             f"Run {date.today().isoformat()} on {machine()}, by `Testing/benchmark_baselines.py --size {args.size} "
             f"--pairs {args.pairs}`.",
@@ -172,7 +174,7 @@ def main() -> int:
             "",
             table,
         ])
-        print(f"wrote {write_section('baselines', body)}")
+        print(f"wrote {write_section(f'baselines-{args.size}', body)}")
     return 0
 
 

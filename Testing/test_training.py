@@ -343,3 +343,14 @@ def test_the_bundled_checkpoint_beats_identity_on_the_sample_pair(sample_pair):
     after = dice(fixed_labels, warp_labels(moving_labels, step.displacement)[0, 0].numpy())["mean"]
     assert after > before + 0.02, (before, after)
     assert step.metrics["folding_percent"] < 0.5
+
+
+def test_a_one_step_network_refuses_prompts_and_warm_starts_instead_of_ignoring_them(tiny_run):
+    from iterreg.methods import Prompts, get_method
+    method = get_method("voxelmorph").create(tiny_run / "best.safetensors")
+    image = torch.rand(1, 1, 32, 32, 32)
+    points = torch.tensor([[10.0, 10.0, 10.0]])
+    with pytest.raises(InputError, match="cannot use landmark prompts"):
+        next(method.run(image, image, prompts=Prompts(points, points)))
+    with pytest.raises(InputError, match="cannot continue from a previous field"):
+        next(method.run(image, image, init=torch.zeros(1, 3, 32, 32, 32)))

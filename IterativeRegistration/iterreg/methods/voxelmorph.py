@@ -79,6 +79,9 @@ class VoxelMorphMethod(RegistrationMethod):
         self.check_inputs(fixed, moving, steps)
         if init is not None:  # a one-shot network cannot refine: report, do not silently ignore
             raise InputError("voxelmorph predicts in one step and cannot continue from a previous field")
+        if prompts is not None:
+            raise InputError("voxelmorph cannot use landmark prompts; register without prompts, or use a method "
+                             "that takes them (classical)")
         fixed, moving = fixed.to(self.device), moving.to(self.device)
         displacement = self.predict(self.network, fixed, moving)[0]
         warped = warp(moving, displacement)

@@ -165,7 +165,7 @@ def main() -> int:
             f"## Baselines on generated MNI pairs ({args.size}^3): identity, classical, learned one-step, elastix",
             "",
             f"Run {date.today().isoformat()} on {machine()}, by `Testing/benchmark_baselines.py --size {args.size} "
-            f"--pairs {args.pairs}`.",
+            f"--pairs {args.pairs} --first-seed {args.first_seed}`.",
             f"Held-out pairs: seeds {args.first_seed}-{args.first_seed + args.pairs - 1} of the sample-data generator "
             "(MNI152 2009 T1, two random diffeomorphic fields, ground-truth peak 10 mm, moving image with gamma/bias/"
             "noise change); labels CSF/GM/WM, 20 landmarks per pair. Means over pairs. Runtime is quoted as a ratio "

@@ -229,3 +229,15 @@ def test_a_linear_parent_transform_is_part_of_the_volume_geometry(scene_with_pai
     moving.SetAndObserveTransformNodeID(shift.GetID())
     after = volume_geometry(moving)
     np.testing.assert_allclose(np.array(after.origin) - np.array(before.origin), [-5.0, 0, 0])  # +5 mm R = -5 L
+
+
+def test_a_worker_error_mid_run_keeps_the_received_steps_playable(scene_with_pair):
+    from test_worker import TEST_WORKER
+    scene, fixed, moving, *_ = scene_with_pair
+    settings = RunSettings(method="scripted", steps=8, options={"fault": "raise", "fault_at": 3})
+    run = SceneRegistration(scene, fixed, moving, settings, command=TEST_WORKER)
+    run.start().wait(timeout=60)
+    assert run.state == "failed" and "simulated failure inside the method" in run.message
+    assert run.nodes["browser"].GetNumberOfItems() == 3  # steps 0-2 arrived before the error
+    assert "warped" not in run.nodes  # no final result was produced: no half-made outputs
+    assert moving.GetParentTransformNode() is None

@@ -254,6 +254,7 @@ class SceneRegistration:
             if not self.records or self.records[-1].index != result.index:  # the last step always plays
                 self.records.append(_Recorded(result.index, displacement, result.arrays.get("warped"), None))
             self._final_outputs(result.arrays)
+        if self.records:  # also after a crash: the steps received stay playable
             self._sequences()
         self.summary = self._summarise(client)
         if client.steps_received == 0:  # nothing to show: leave the scene as it was before Run

@@ -25,24 +25,24 @@ def ras_vectors(displacement_vox, geometry: Geometry) -> np.ndarray:
     return geometry.displacement_voxels_to_ras(displacement_vox).astype(np.float32)
 
 
+def build_scene(sample_pair):
+    """A scene holding the sample pair's volumes and landmark lists (fixed, moving, F, M)."""
+    scene = slicer_harness.new_scene()
+    return (scene, slicer_harness.add_volume(scene, "fixed", sample_pair.fixed),
+            slicer_harness.add_volume(scene, "moving", sample_pair.moving),
+            slicer_harness.add_landmarks(scene, "F", sample_pair.fixed_landmarks_ras),
+            slicer_harness.add_landmarks(scene, "M", sample_pair.moving_landmarks_ras))
+
+
 @pytest.fixture
 def scene_with_pair(sample_pair):
-    scene = slicer_harness.new_scene()
-    fixed = slicer_harness.add_volume(scene, "fixed", sample_pair.fixed)
-    moving = slicer_harness.add_volume(scene, "moving", sample_pair.moving)
-    fixed_lm = slicer_harness.add_landmarks(scene, "F", sample_pair.fixed_landmarks_ras)
-    moving_lm = slicer_harness.add_landmarks(scene, "M", sample_pair.moving_landmarks_ras)
-    return scene, fixed, moving, fixed_lm, moving_lm
+    return build_scene(sample_pair)
 
 
 @pytest.fixture(scope="module")
 def finished_run(sample_pair):
     """One 15-step classical run with landmarks, observed step by step."""
-    scene = slicer_harness.new_scene()
-    fixed = slicer_harness.add_volume(scene, "fixed", sample_pair.fixed)
-    moving = slicer_harness.add_volume(scene, "moving", sample_pair.moving)
-    fixed_lm = slicer_harness.add_landmarks(scene, "F", sample_pair.fixed_landmarks_ras)
-    moving_lm = slicer_harness.add_landmarks(scene, "M", sample_pair.moving_landmarks_ras)
+    scene, fixed, moving, fixed_lm, moving_lm = build_scene(sample_pair)
     moving_before = slicer.util.arrayFromVolume(moving).copy()
     moving_image = moving.GetImageData()
     observed = []

@@ -444,12 +444,16 @@ class WorkerClient:
             self._inbox.put(("stderr", raw.decode("utf-8", "replace").rstrip("\n")))
 
     # --- GUI-thread side ---------------------------------------------------------------------------------
-    def _drain(self) -> None:
+    def _drain(self, after_exit: bool = False) -> None:
+        """Hand over what the reader threads queued. ``after_exit``: the last messages of a finished worker
+        (steps and log lines only; no more state changes)."""
         while True:
             try:
                 kind, payload = self._inbox.get_nowait()
             except queue.Empty:
                 return
+            if after_exit and kind not in ("event", "stderr"):
+                continue
             if kind == "event":
                 self._handle(payload)
             elif kind == "stderr":
@@ -462,7 +466,7 @@ class WorkerClient:
                     self._resources.kill_tree()
             elif kind == "eof":
                 self._stdout_eof = True
-            if not self.running:
+            if not self.running and not after_exit:
                 return
 
     def _handle(self, message: dict) -> None:
@@ -561,7 +565,7 @@ class WorkerClient:
         self._resources.kill_tree()
         for thread in self._threads:
             thread.join(timeout=2)
-        self._drain_after_exit()
+        self._drain(after_exit=True)
         code = process.returncode
         if self.state != "failed":
             if self.failure is not None:  # the worker reported an error
@@ -580,19 +584,6 @@ class WorkerClient:
         self._resources.release()
         if self.on_finished is not None:
             self.on_finished(self)
-
-    def _drain_after_exit(self) -> None:
-        """Deliver steps and log lines that arrived just before the end."""
-        while True:
-            try:
-                kind, payload = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            if kind == "event":
-                self._handle(payload)
-            elif kind == "stderr":
-                self._log("stderr", payload)
-
 
 def _describe_exit(code: int | None) -> str:
     if code is None:

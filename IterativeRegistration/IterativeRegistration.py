@@ -374,10 +374,11 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             self.ui.stepLabel.text = _("step {0}").format(browser.GetMasterSequenceNode().GetNthIndexValue(int(value)))
 
     def onChannelChanged(self, *_args):
-        if self.run is not None:
-            self.run.settings.channel_index = self.ui.channelIndexSpinBox.value
-            if self.ui.channelComboBox.currentText:
-                self.run.channel_name = self.ui.channelComboBox.currentText
+        if self.run is None:
+            return
+        if self.ui.channelComboBox.currentText and self.run.running:
+            self.run.channel_name = self.ui.channelComboBox.currentText  # a tensor switch applies to later steps
+        self.run.select_channel_map(self.ui.channelIndexSpinBox.value)
 
     def onOverlayChanged(self, *_args):
         from iterreg_slicer.views import show_in_slice_views

@@ -241,3 +241,21 @@ def test_a_worker_error_mid_run_keeps_the_received_steps_playable(scene_with_pai
     assert run.nodes["browser"].GetNumberOfItems() == 3  # steps 0-2 arrived before the error
     assert "warped" not in run.nodes  # no final result was produced: no half-made outputs
     assert moving.GetParentTransformNode() is None
+
+
+def test_another_channel_map_can_be_shown_after_the_run_at_every_step(finished_run):
+    run = finished_run["run"]
+    sequence, browser = run.nodes["channel_volumes"], run.nodes["browser"]
+    records = [r for r in run.records if r.channel is not None]
+    assert records[0].channel.shape[0] == 3  # the classical gradient: one map per axis
+    try:
+        run.select_channel_map(2)
+        assert run.nodes["channel"].GetAttribute("IterativeRegistration.channel") == "gradient[2]"
+        for record in (records[0], records[-1]):
+            item = sequence.GetDataNodeAtValue(str(record.index))
+            np.testing.assert_allclose(slicer.util.arrayFromVolume(item), record.channel[2], atol=1e-6)
+        browser.SetSelectedItemNumber(0)
+        slicer_harness.update_proxies(browser)
+        np.testing.assert_allclose(slicer.util.arrayFromVolume(run.nodes["channel"]), records[0].channel[2], atol=1e-6)
+    finally:
+        run.select_channel_map(0)

@@ -218,7 +218,15 @@ class SceneRegistration:
         if self.channel_name not in channels:
             self.channel_name = next(iter(channels))
         maps = channels[self.channel_name]
-        index = min(max(self.settings.channel_index, 0), maps.shape[0] - 1)
+        self._put_channel_map(maps)
+        return maps  # every map of the tensor is kept, so the map can be changed after the run
+
+    def _map_index(self, maps: np.ndarray) -> int:
+        return min(max(self.settings.channel_index, 0), maps.shape[0] - 1)
+
+    def _put_channel_map(self, maps: np.ndarray) -> None:
+        """Show the chosen map of ``maps`` ``[k, *spatial]`` in the channel volume."""
+        index = self._map_index(maps)
         array = maps[index]
         geometry = self.geometry.scaled_to_shape(array.shape)
         node = self.nodes.get("channel")
@@ -231,7 +239,26 @@ class SceneRegistration:
             set_volume_array(node, array, geometry)
         show_signed(node.GetDisplayNode(), array)
         node.SetAttribute("IterativeRegistration.channel", f"{self.channel_name}[{index}]")
-        return array
+
+    def select_channel_map(self, index: int) -> None:
+        """Show another map of the channel tensor: live for the next steps, and after the run for every step
+        of the playback sequence too."""
+        self.settings.channel_index = int(index)
+        sequence, browser = self.nodes.get("channel_volumes"), self.nodes.get("browser")
+        with_maps = [r for r in self.records if r.channel is not None]
+        if sequence is not None:
+            scratch = slicer.vtkMRMLScalarVolumeNode()
+            _copy_attributes(self.nodes["channel"], scratch)
+            for record in with_maps:
+                array = record.channel[self._map_index(record.channel)]
+                set_volume_array(scratch, array, self.geometry.scaled_to_shape(array.shape))
+                sequence.SetDataNodeAtValue(scratch, str(record.index))
+        if with_maps:
+            shown = with_maps[-1]
+            if browser is not None:  # the map of the step the browser is on
+                value = browser.GetMasterSequenceNode().GetNthIndexValue(browser.GetSelectedItemNumber())
+                shown = next((r for r in with_maps if str(r.index) == value), shown)
+            self._put_channel_map(shown.channel)
 
     def _record(self, index, displacement, warped, channel) -> None:
         """Keep copies for playback within the memory budget: when full, keep every other recorded step."""
@@ -301,6 +328,8 @@ class SceneRegistration:
             sequences[key] = self._new_node("vtkMRMLSequenceNode", f"{self.name} {role}", role.replace(" ", "_"))
             for record in items:
                 array = getattr(record, key)
+                if key == "channel":
+                    array = array[self._map_index(array)]
                 scratch_volume = slicer.vtkMRMLScalarVolumeNode()
                 if self.nodes.get(key) is not None:
                     _copy_attributes(self.nodes[key], scratch_volume)

@@ -129,3 +129,13 @@ def test_classical_registers_2d_images():
     error_before = float(truth.norm(dim=1).mean())
     error_after = float((steps[-1].displacement - truth).norm(dim=1).mean())
     assert error_after < 0.6 * error_before
+
+
+def test_a_learned_method_must_be_able_to_load_its_checkpoint():
+    from iterreg.methods import RegistrationMethod
+    with pytest.raises(TypeError, match="does not implement from_checkpoint"):
+        class Forgetful(RegistrationMethod):  # noqa: F841
+            name, title, default_steps, max_steps, needs_checkpoint = "forgetful", "x", 1, 1, True
+
+            def run(self, fixed, moving, steps=None, prompts=None, init=None):
+                yield from ()

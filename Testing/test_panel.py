@@ -43,6 +43,14 @@ def add_pair(scene, sample_pair):
             slicer_harness.add_volume(scene, "moving", sample_pair.moving))
 
 
+def select_pair(widget, scene, sample_pair):
+    """Add the sample volumes and choose them as fixed and moving in the panel."""
+    fixed, moving = add_pair(scene, sample_pair)
+    widget.ui.fixedSelector.setCurrentNode(fixed)
+    widget.ui.movingSelector.setCurrentNode(moving)
+    return fixed, moving
+
+
 def test_run_is_disabled_with_the_reason_until_the_inputs_can_run(panel, sample_pair):
     widget, scene = panel
     ui = widget.ui
@@ -92,9 +100,7 @@ def test_the_parameter_node_and_the_panel_mirror_each_other(panel, sample_pair):
 def test_run_streams_steps_and_the_slider_scrubs_the_result(panel, qtbot, sample_pair):
     widget, scene = panel
     ui = widget.ui
-    fixed, moving = add_pair(scene, sample_pair)
-    ui.fixedSelector.setCurrentNode(fixed)
-    ui.movingSelector.setCurrentNode(moving)
+    select_pair(widget, scene, sample_pair)
     ui.stepsSpinBox.value = 12
     statuses = []
     ui.progressBar.valueChanged.connect(lambda _v: statuses.append(ui.statusLabel.text))
@@ -118,9 +124,7 @@ def test_run_streams_steps_and_the_slider_scrubs_the_result(panel, qtbot, sample
 def test_cancel_stops_the_run_and_re_enables_run(panel, qtbot, sample_pair):
     widget, scene = panel
     ui = widget.ui
-    fixed, moving = add_pair(scene, sample_pair)
-    ui.fixedSelector.setCurrentNode(fixed)
-    ui.movingSelector.setCurrentNode(moving)
+    select_pair(widget, scene, sample_pair)
     ui.stepsSpinBox.value = 150
     ui.runButton.click()
     qtbot.waitUntil(lambda: widget.run.steps_done >= 3, timeout=60000)
@@ -132,9 +136,7 @@ def test_cancel_stops_the_run_and_re_enables_run(panel, qtbot, sample_pair):
 
 def test_missing_packages_are_installed_only_after_the_user_agrees(panel, sample_pair, monkeypatch):
     widget, scene = panel
-    fixed, moving = add_pair(scene, sample_pair)
-    widget.ui.fixedSelector.setCurrentNode(fixed)
-    widget.ui.movingSelector.setCurrentNode(moving)
+    select_pair(widget, scene, sample_pair)
     installed, asked = [], []
     monkeypatch.setattr(widget.logic, "missing_dependencies", lambda: ["monai>=1.4"])
     monkeypatch.setattr(widget.logic, "install_dependencies", installed.append)
@@ -156,9 +158,7 @@ def test_the_modules_own_self_test_passes_here(monkeypatch, sample_pair):
 
 def test_closing_the_scene_stops_the_run_and_starts_afresh(panel, qtbot, sample_pair):
     widget, scene = panel
-    fixed, moving = add_pair(scene, sample_pair)
-    widget.ui.fixedSelector.setCurrentNode(fixed)
-    widget.ui.movingSelector.setCurrentNode(moving)
+    select_pair(widget, scene, sample_pair)
     widget.ui.stepsSpinBox.value = 150
     widget.ui.runButton.click()
     qtbot.waitUntil(lambda: widget.run.steps_done >= 2, timeout=60000)
@@ -173,9 +173,7 @@ def test_closing_the_scene_stops_the_run_and_starts_afresh(panel, qtbot, sample_
 def test_a_learned_method_offers_its_bundled_checkpoint(panel, sample_pair):
     widget, scene = panel
     ui = widget.ui
-    fixed, moving = add_pair(scene, sample_pair)
-    ui.fixedSelector.setCurrentNode(fixed)
-    ui.movingSelector.setCurrentNode(moving)
+    select_pair(widget, scene, sample_pair)
     ui.methodComboBox.currentIndex = ui.methodComboBox.findData("voxelmorph")
     assert ui.checkpointComboBox.enabled and ui.checkpointComboBox.count >= 1
     assert ui.checkpointComboBox.itemText(0).endswith("(bundled)")

@@ -12,13 +12,10 @@ import numpy as np
 import slicer
 import vtk
 
-from iterreg.geometry import Geometry
+from iterreg.geometry import LPS_TO_RAS_3D, Geometry
 
 __all__ = ["volume_geometry", "volume_array", "set_volume_array", "set_grid_transform", "new_volume_like",
            "matrix_to_numpy", "numpy_to_matrix", "landmarks_ras"]
-
-_LPS_RAS = np.diag([-1.0, -1.0, 1.0])
-
 
 def matrix_to_numpy(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
@@ -52,8 +49,8 @@ def volume_geometry(node) -> Geometry:
         parent.GetMatrixTransformToWorld(to_world)
         m = matrix_to_numpy(to_world) @ m
     spacing = np.linalg.norm(m[:3, :3], axis=0)  # = node.GetSpacing() unless a parent transform scales
-    direction_lps = _LPS_RAS @ m[:3, :3] / spacing[None, :]
-    origin_lps = _LPS_RAS @ m[:3, 3]
+    direction_lps = LPS_TO_RAS_3D @ m[:3, :3] / spacing[None, :]
+    origin_lps = LPS_TO_RAS_3D @ m[:3, 3]
     size = tuple(int(n) for n in image.GetDimensions())
     if size[2] == 1:
         raise ValueError(f"volume '{node.GetName()}' is a single slice; 2D registration runs from the command "

@@ -71,8 +71,7 @@ class PairSource(ABC):
         out = Pair(resize_image(prepared.fixed, self.shape)[0], resize_image(prepared.moving, self.shape)[0],
                    name=name)
         geometry = prepared.geometry
-        out.spacing = tuple(s * (n - 1) / max(t - 1, 1) for s, n, t in
-                            zip(geometry.array_spacing, geometry.array_shape, self.shape))
+        out.spacing = geometry.scaled_to_shape(self.shape).array_spacing  # mm per voxel of the training grid
         if fixed_labels is not None and moving_labels is not None:
             check_label_geometry(fixed_labels, fixed, f"label map of {name or 'the fixed image'}")
             check_label_geometry(moving_labels, moving, f"label map of {name or 'the moving image'}")

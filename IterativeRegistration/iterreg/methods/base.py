@@ -98,6 +98,13 @@ class RegistrationMethod(ABC):
     needs_checkpoint: ClassVar[bool] = False
     Options: ClassVar[type[MethodOptions]] = MethodOptions
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # A learned method that cannot load weights is a programming error: say so when the class is defined.
+        if cls.__dict__.get("needs_checkpoint", False) and cls.from_checkpoint.__func__ is \
+                RegistrationMethod.from_checkpoint.__func__:
+            raise TypeError(f"{cls.__name__} sets needs_checkpoint but does not implement from_checkpoint")
+
     def __init__(self, options: MethodOptions | None = None, device: str | torch.device = "cpu"):
         self.options = options if options is not None else self.Options()
         self.device = torch.device(device)
@@ -124,8 +131,9 @@ class RegistrationMethod(ABC):
     @classmethod
     def from_checkpoint(cls, path: Path, device: str | torch.device = "cpu",
                         options: dict[str, Any] | None = None) -> "RegistrationMethod":
-        """Learned methods: load weights and their metadata from an existing checkpoint file."""
-        raise NotImplementedError(f"method '{cls.name}' declares needs_checkpoint but cannot load one")
+        """Learned methods: load weights and their metadata from an existing checkpoint file (every class with
+        ``needs_checkpoint`` overrides this; ``__init_subclass__`` enforces it)."""
+        raise TypeError(f"method '{cls.name}' takes no checkpoint")
 
     def check_inputs(self, fixed: torch.Tensor, moving: torch.Tensor, steps: int | None) -> int:
         """Validate tensors and the step count; returns the step count to use."""

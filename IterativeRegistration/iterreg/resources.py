@@ -30,8 +30,9 @@ def sample_pair_dir(name: str = DEMO_PAIR) -> Path:
     return resources_dir() / "SampleData" / name
 
 
-def bundled_checkpoints() -> dict[str, list[Path]]:
-    """Method name -> bundled checkpoints (``Resources/Checkpoints/*.safetensors``), read from their headers."""
+def bundled_checkpoints(ndim: int | None = None) -> dict[str, list[Path]]:
+    """Method name -> bundled checkpoints (``Resources/Checkpoints/*.safetensors``), read from their headers;
+    only those trained on ``ndim``-D images when given."""
     import json
 
     from safetensors import safe_open
@@ -44,14 +45,16 @@ def bundled_checkpoints() -> dict[str, list[Path]]:
     for path in sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(str(path), framework="pt") as handle:
-                method = json.loads((handle.metadata() or {})["iterreg"])["method"]
+                metadata = json.loads((handle.metadata() or {})["iterreg"])
         except (OSError, KeyError, ValueError):
             continue  # not one of ours: ignore rather than offer it
-        found.setdefault(method, []).append(path)
+        if ndim is None or metadata.get("ndim", 3) == ndim:
+            found.setdefault(metadata["method"], []).append(path)
     return found
 
 
-def default_checkpoint(method: str) -> Path | None:
-    """The bundled checkpoint a learned method uses when none is given."""
-    paths = bundled_checkpoints().get(method)
+def default_checkpoint(method: str, ndim: int | None = None) -> Path | None:
+    """The bundled checkpoint a learned method uses when none is given: for ``ndim``-D images, or when the
+    dimension is not known, a 3D one if there is one."""
+    paths = bundled_checkpoints(ndim or 3).get(method) or ([] if ndim else bundled_checkpoints().get(method))
     return paths[0] if paths else None

@@ -213,10 +213,13 @@ def make_pair(size: int = 64, seed: int = 0, magnitude_mm: float = 10.0, intensi
 
 
 def deformed_template(size: int = 64, seed: int = 0, magnitude_mm: float = 6.0,
-                      intensity_change: bool = True) -> tuple[torch.Tensor, torch.Tensor, Geometry]:
+                      intensity_change: bool = True, ndim: int = 3) -> tuple[torch.Tensor, torch.Tensor, Geometry]:
     """One random diffeomorphic deformation of the template (image ``[1, 1, *shape]`` 0-255 and labels):
-    a synthetic "subject" for training. Any two of them form a pair (cheaper than ``make_pair``)."""
-    template, labels, geometry = _template_tensors(size)
+    a synthetic "subject" for training. Any two of them form a pair (cheaper than ``make_pair``).
+    ``ndim=2`` deforms the axial slice that :func:`make_slice_pair` uses."""
+    if ndim not in (2, 3):
+        raise ValueError(f"ndim must be 2 or 3, got {ndim}")
+    template, labels, geometry = _template_tensors(size) if ndim == 3 else _axial_slice(size)
     generator = torch.Generator().manual_seed(seed)
     velocity = random_velocity(template.shape[2:], 1.0, generator)
     peak_mm = float(integrate_velocity(velocity).norm(dim=1).max()) * min(geometry.spacing)

@@ -120,7 +120,10 @@ def describe_methods() -> list[dict]:
     from .methods import available_methods
     from .resources import bundled_checkpoints
 
-    bundled = bundled_checkpoints()
+    bundled: dict[str, list] = {}
+    for ndim in (3, 2):  # 3D first: a Slicer volume is 3D unless it is a single slice
+        for method, paths in bundled_checkpoints(ndim).items():
+            bundled.setdefault(method, []).extend(paths)
     described = []
     for name, cls in available_methods().items():
         options = {f.name: f.default for f in dataclasses.fields(cls.Options)}
@@ -191,7 +194,7 @@ def _run(job: Job, channel: EventChannel, control: Control, ring: Ring | None) -
     device = resolve_device(job.device)
     method_cls = get_method(job.method)
     pair, prompts, init = _load_inputs(job)
-    method = method_cls.create(job.checkpoint, device, job.options)
+    method = method_cls.create(job.checkpoint, device, job.options, ndim=pair.geometry.ndim)
     steps = method.check_inputs(pair.fixed, pair.moving, job.steps)
     if prompts is not None:
         prompts = Prompts(*prompts, weight=job.prompt_weight, spacing=pair.geometry.array_spacing)

@@ -228,8 +228,9 @@ class SyntheticSource(PairSource):
 
     def __init__(self, shape, subjects: int = 64, validation_pairs: int = 4, magnitude_mm: float = 6.0):
         super().__init__(shape)
-        if len(set(self.shape)) != 1 or len(self.shape) != 3:
-            raise InputError(f"synthetic data is generated on cubes; set data.shape to [n, n, n], got {list(self.shape)}")
+        if len(set(self.shape)) != 1:
+            raise InputError(f"synthetic data is generated on cubes or squares (axial slices); set data.shape to "
+                             f"[n, n, n] or [n, n], got {list(self.shape)}")
         if subjects < 2 or validation_pairs < 1:
             raise InputError("synthetic data needs at least 2 subjects and 1 validation pair")
         self.subjects, self.n_validation, self.magnitude_mm = subjects, validation_pairs, magnitude_mm
@@ -239,7 +240,8 @@ class SyntheticSource(PairSource):
         if index not in self._pool:  # generated on first use, then kept (about 1 MB per 64^3 subject)
             from iterreg.imaging import normalise_intensity
             from iterreg.sample_data import deformed_template
-            image, labels, _ = deformed_template(self.shape[0], self.TRAIN_SEED0 + index, self.magnitude_mm)
+            image, labels, _ = deformed_template(self.shape[0], self.TRAIN_SEED0 + index, self.magnitude_mm,
+                                                 ndim=len(self.shape))
             normalised, _ = normalise_intensity(image[0, 0].numpy())
             self._pool[index] = (torch.from_numpy(normalised)[None], labels[0])
         return self._pool[index]
@@ -252,19 +254,25 @@ class SyntheticSource(PairSource):
 
     @lru_cache(maxsize=1)
     def _geometry(self) -> Geometry:
-        from iterreg.sample_data import _template_tensors
-        return _template_tensors(self.shape[0])[2]
+        from iterreg.sample_data import _axial_slice, _template_tensors
+        return (_template_tensors if len(self.shape) == 3 else _axial_slice)(self.shape[0])[2]
 
     def validation_pairs(self):
-        from iterreg.sample_data import make_pair
+        from iterreg.sample_data import make_pair, make_slice_pair
         pairs = []
         for k in range(self.n_validation):
-            sample = make_pair(self.shape[0], seed=self.VALIDATION_SEED0 + k, n_landmarks=20)
+            if len(self.shape) == 3:
+                sample = make_pair(self.shape[0], seed=self.VALIDATION_SEED0 + k, n_landmarks=20)
+            else:
+                sample = make_slice_pair(self.shape[0], seed=self.VALIDATION_SEED0 + k, n_landmarks=12)
             pair = self._pair_from_images(sample.fixed, sample.moving, sample.fixed_labels, sample.moving_labels,
                                           name=f"make_pair seed {self.VALIDATION_SEED0 + k}")
             geometry = Geometry.of(sample.fixed)
-            pair.fixed_points = torch.tensor(geometry.ras_to_array_index(sample.fixed_landmarks_ras), dtype=torch.float32)
-            pair.moving_points = torch.tensor(geometry.ras_to_array_index(sample.moving_landmarks_ras), dtype=torch.float32)
+            nd = geometry.ndim  # sample landmarks are always [N, 3] (z = 0 on a slice)
+            pair.fixed_points = torch.tensor(geometry.ras_to_array_index(sample.fixed_landmarks_ras[:, :nd]),
+                                             dtype=torch.float32)
+            pair.moving_points = torch.tensor(geometry.ras_to_array_index(sample.moving_landmarks_ras[:, :nd]),
+                                              dtype=torch.float32)
             pairs.append(pair)
         return pairs
 

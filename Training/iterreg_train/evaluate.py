@@ -32,11 +32,12 @@ def _scores(pair, displacement) -> dict:
     return out
 
 
-def evaluate(checkpoint: str, source: PairSource, device: str = "cpu") -> list[list]:
+def evaluate(checkpoint: str, source: PairSource, device: str = "cpu",
+             references: tuple[str, ...] = ("identity",)) -> list[list]:
+    """One row per reference method (untrained ones: identity, classical) and one for the checkpoint."""
     pairs = source.validation_pairs()
     rows = []
-    for name, method in (("identity", get_method("identity").create(device=device)),
-                         ("checkpoint", None)):
+    for name, method in [(r, get_method(r).create(device=device)) for r in references] + [("checkpoint", None)]:
         if method is None:
             from iterreg.checkpoints import read_checkpoint
             _, meta = read_checkpoint(checkpoint)

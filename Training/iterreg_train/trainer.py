@@ -158,7 +158,7 @@ def train(config: dict, source: PairSource, out: str | Path, resume: bool = Fals
     if not hasattr(method_cls, "predict"):
         raise InputError(f"method '{config['method']}' cannot be trained (it has no training hooks)")
     ndim = len(config["data"]["shape"])
-    architecture = config.get("architecture") or method_cls.default_architecture(ndim)
+    architecture = _architecture(method_cls, config, ndim)
     torch.manual_seed(t_cfg["seed"])  # identical initial weights on every rank
     random.seed(t_cfg["seed"])
     network = method_cls.build_network(architecture).to(device_t)
@@ -203,8 +203,12 @@ def train(config: dict, source: PairSource, out: str | Path, resume: bool = Fals
         batch = _batch(pairs, device_t)
         with torch.autocast(device_t.type, dtype=torch.bfloat16, enabled=amp):
             displacements = _predict(method_cls, model, batch["fixed"], batch["moving"])
+        weights = loss_cfg.get("step_weights") or _method_step_weights(method_cls, network, len(displacements))
         loss, parts = registration_loss(batch["fixed"], batch["moving"], [u.float() for u in displacements], loss_cfg,
-                                        batch["fixed_labels"], batch["moving_labels"], loss_cfg.get("step_weights"))
+                                        batch["fixed_labels"], batch["moving_labels"], weights)
+        auxiliary = getattr(network, "auxiliary_loss", None)  # a method's own extra term (DEQReg residual_weight)
+        if auxiliary is not None:
+            loss = loss + auxiliary
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if opt_cfg.get("grad_clip"):  # a rare extreme pair must not throw the weights away (see Docs/training.md)
@@ -252,6 +256,27 @@ def train(config: dict, source: PairSource, out: str | Path, resume: bool = Fals
             "validation": history[-1] if history else {}, "rank": ddp.rank}
 
 
+def _architecture(method_cls, config: dict, ndim: int) -> dict:
+    """The method's default architecture for ``ndim``, updated with what the config sets (a partial dict,
+    e.g. ``--set architecture.inner_loss=nmi``)."""
+    architecture = method_cls.default_architecture(ndim)
+    unknown = sorted(set(config.get("architecture") or {}) - set(architecture))
+    if unknown:
+        raise InputError(f"unknown architecture key(s) {', '.join(unknown)} for {config['method']}; known: "
+                         f"{', '.join(sorted(architecture))}")
+    architecture.update(config.get("architecture") or {})
+    if architecture.get("ndim", ndim) != ndim:
+        raise InputError(f"architecture.ndim {architecture['ndim']} does not match data.shape ({ndim}D)")
+    return architecture
+
+
+def _method_step_weights(method_cls, network, count: int):
+    """The outer-loss weight of each step the method returned: its own rule (RIIR's exponential weights,
+    DEQReg's state correction), else uniform."""
+    rule = getattr(method_cls, "step_weights", None)
+    return rule(network, count) if rule is not None else None
+
+
 def _predict(method_cls, model, fixed, moving):
     # DDP must see the forward call on the wrapper for its gradient hooks; ``predict`` calls model(x).
     return method_cls.predict(model, fixed, moving) if not hasattr(model, "module") else \
@@ -259,15 +284,16 @@ def _predict(method_cls, model, fixed, moving):
 
 
 class _DDPView(torch.nn.Module):
-    """``predict`` reads ``network.config``; DDP hides it under ``.module``."""
+    """``predict`` reads ``network.config``; DDP hides it under ``.module``. A multi-step method runs all its
+    steps inside one forward call, so DDP sees one forward and one backward per iteration."""
 
     def __init__(self, ddp_model):
         super().__init__()
         self.ddp = ddp_model
         self.config = ddp_model.module.config
 
-    def forward(self, x):
-        return self.ddp(x)
+    def forward(self, *args, **kwargs):
+        return self.ddp(*args, **kwargs)
 
 
 def _schedule(config: dict):

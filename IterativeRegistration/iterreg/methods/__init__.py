@@ -4,13 +4,15 @@ from __future__ import annotations
 from ..errors import InputError
 from .base import MethodOptions, Prompts, RegistrationMethod, Step
 from .classical import ClassicalMethod
+from .deqreg import DEQRegMethod
 from .identity import IdentityMethod
+from .riir import RIIRMethod
 from .voxelmorph import VoxelMorphMethod
 
 __all__ = ["available_methods", "get_method", "register_method", "Step", "Prompts", "RegistrationMethod", "MethodOptions"]
 
 _METHODS: dict[str, type[RegistrationMethod]] = {m.name: m for m in (IdentityMethod, ClassicalMethod,
-                                                                     VoxelMorphMethod)}
+                                                                     VoxelMorphMethod, RIIRMethod, DEQRegMethod)}
 
 
 def available_methods() -> dict[str, type[RegistrationMethod]]:

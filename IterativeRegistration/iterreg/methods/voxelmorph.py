@@ -11,7 +11,7 @@ from typing import Iterator
 import torch
 
 from .base import MethodOptions, Prompts, RegistrationMethod, Step, standard_step_metrics
-from ..checkpoints import read_checkpoint
+from .learned import load_network
 from ..errors import InputError
 from ..networks.unet import UNet, UNetConfig, pad_to_multiple
 from ..spatial import spatial_ndim, warp
@@ -57,13 +57,7 @@ class VoxelMorphMethod(RegistrationMethod):
     # --- inference --------------------------------------------------------------------------------------------
     @classmethod
     def from_checkpoint(cls, path, device="cpu", options=None) -> "VoxelMorphMethod":
-        weights, metadata = read_checkpoint(path, cls.name)
-        try:
-            network = cls.build_network(metadata["architecture"])
-            network.load_state_dict(weights, strict=True)
-        except (KeyError, TypeError, RuntimeError) as exc:
-            raise InputError(f"checkpoint '{path}' does not match the {cls.name} architecture it declares: "
-                             f"{str(exc).splitlines()[0]}") from None
+        network, metadata = load_network(cls, path)
         return cls(network, metadata, cls.Options.from_dict(options), device)
 
     def check_inputs(self, fixed, moving, steps):

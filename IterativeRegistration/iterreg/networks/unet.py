@@ -4,6 +4,10 @@ Encoder: strided 3x3(x3) convolutions (LeakyReLU 0.2), one per level; decoder: c
 concatenate the skip of the same resolution; after the last upsampling the remaining decoder features run at
 full resolution; a final convolution (initialised near zero, as in VoxelMorph) gives ``out_channels``.
 Default widths are VoxelMorph-2: encoder 16-32-32-32, decoder 32-32-32-32-32-16-16.
+
+:class:`RecurrentUNet` adds convolutional GRUs (Shi et al. 2015) after chosen encoder levels, the hidden
+memory of RIIR's recurrent cell: the GRU's new state replaces the encoder features of its level, so it feeds
+both the deeper levels and the skip connection.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["UNet", "UNetConfig"]
+__all__ = ["UNet", "UNetConfig", "RecurrentUNet", "ConvGRU", "pad_to_multiple"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,8 @@ class UNetConfig:
     encoder: tuple = (16, 32, 32, 32)
     decoder: tuple = (32, 32, 32, 32, 32, 16, 16)
     final_init_std: float = 1e-5
+    hidden_levels: tuple = ()  # RecurrentUNet: encoder levels (1 = half resolution) that carry a ConvGRU
+    hidden_channels: int = 32
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -31,7 +37,7 @@ class UNetConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "UNetConfig":
         data = dict(data)
-        for key in ("encoder", "decoder"):
+        for key in ("encoder", "decoder", "hidden_levels"):
             if key in data:
                 data[key] = tuple(int(v) for v in data[key])
         return cls(**data)
@@ -53,12 +59,18 @@ class UNet(nn.Module):
         c = config
         if len(c.decoder) < len(c.encoder):
             raise ValueError("the decoder needs at least one convolution per encoder level")
+        if any(not 1 <= level <= len(c.encoder) for level in c.hidden_levels):
+            raise ValueError(f"hidden_levels {c.hidden_levels} must be encoder levels 1..{len(c.encoder)}")
         self.config = c
         self.encoder = nn.ModuleList()
+        self.grus = nn.ModuleDict()
         cin = c.in_channels
         skips = [c.in_channels]
-        for width in c.encoder:
+        for level, width in enumerate(c.encoder, start=1):
             self.encoder.append(_conv(c.ndim, cin, width, stride=2))
+            if level in c.hidden_levels:
+                self.grus[str(level)] = ConvGRU(c.ndim, width, c.hidden_channels)
+                width = c.hidden_channels
             cin = width
             skips.append(width)
         skips.pop()  # the deepest level has no skip
@@ -76,13 +88,21 @@ class UNet(nn.Module):
         self.features: torch.Tensor | None = None  # last full-resolution features (a visualisation channel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x, None)[0]
+
+    def _run(self, x: torch.Tensor, hidden: list | None) -> tuple[torch.Tensor, list]:
         shape = x.shape[2:]
         if any(n % self.config.multiple for n in shape):
             raise ValueError(f"U-Net input {tuple(shape)} must be a multiple of {self.config.multiple} per axis; "
                              "pad it first (see pad_to_multiple)")
         skips = [x]
-        for block in self.encoder:
+        new_hidden = []
+        for level, block in enumerate(self.encoder, start=1):
             x = block(x)
+            if str(level) in self.grus:
+                previous = hidden[len(new_hidden)] if hidden else None
+                x = self.grus[str(level)](x, previous)
+                new_hidden.append(x)
             skips.append(x)
         skips.pop()
         mode = "bilinear" if self.config.ndim == 2 else "trilinear"
@@ -93,7 +113,34 @@ class UNet(nn.Module):
         for block in self.extra:
             x = block(x)
         self.features = x.detach()
-        return self.head(x)
+        return self.head(x), new_hidden
+
+
+class ConvGRU(nn.Module):
+    """Convolutional GRU cell: gates and candidate from 3x3(x3) convolutions of [input, state]."""
+
+    def __init__(self, ndim: int, in_channels: int, hidden_channels: int):
+        super().__init__()
+        conv = nn.Conv2d if ndim == 2 else nn.Conv3d
+        self.hidden_channels = hidden_channels
+        self.gates = conv(in_channels + hidden_channels, 2 * hidden_channels, 3, padding=1)
+        self.candidate = conv(in_channels + hidden_channels, hidden_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor | None) -> torch.Tensor:
+        if h is None:  # h_1 = 0 (RIIR Eq. 11)
+            h = x.new_zeros((x.shape[0], self.hidden_channels, *x.shape[2:]))
+        update, reset = torch.sigmoid(self.gates(torch.cat([x, h], dim=1))).chunk(2, dim=1)
+        candidate = torch.tanh(self.candidate(torch.cat([x, reset * h], dim=1)))
+        return (1 - update) * h + update * candidate
+
+
+class RecurrentUNet(UNet):
+    """U-Net whose ``hidden_levels`` carry ConvGRU memory from one call to the next (none: a plain U-Net
+    with the recurrent call signature, RIIR's no-hidden-state ablation)."""
+
+    def forward(self, x: torch.Tensor, hidden: list | None = None) -> tuple[torch.Tensor, list]:
+        """Returns the output and the new hidden states (one per hidden level, coarse last)."""
+        return self._run(x, hidden)
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[slice, ...]]:

@@ -1,0 +1,87 @@
+"""DEQReg: deep equilibrium registration (Zhang et al., MICCAI 2025) on the method interface.
+
+Every solver evaluation is one streamed step: the current estimate ``g(u_k)``, the relative residual
+(``residual`` metric, the DEQ's convergence measure) and as channels the residual map ``|f_theta|`` and the
+update field ``f_theta``. The run ends at the relative-residual ``tolerance`` or after ``steps`` evaluations,
+whichever comes first; ``steps`` may exceed the iterations it was trained with (the equilibrium is stable).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from .base import Prompts, Step
+from .learned import LearnedIterativeMethod, WorkingGrid, WorkingGridOptions
+from ..errors import InputError
+from ..networks.deqreg import SOLVERS, DEQRegConfig, DEQRegNetwork
+
+
+@dataclass(frozen=True)
+class DEQRegOptions(WorkingGridOptions):
+    tolerance: float = 1e-3  # relative residual |g(u) - u| / |g(u)| at which the solve stops (0: never early)
+    solver: str = ""  # fixed_point_iter | anderson; "": the checkpoint's
+
+    def check(self) -> None:
+        super().check()
+        if self.tolerance < 0:
+            raise InputError(f"tolerance must be >= 0, got {self.tolerance}")
+        if self.solver and self.solver not in SOLVERS:
+            raise InputError(f"unknown solver '{self.solver}'; choose {' or '.join(SOLVERS)}")
+
+
+class DEQRegMethod(LearnedIterativeMethod):
+    name = "deqreg"
+    title = "DEQReg (deep equilibrium)"
+    description = ("A learned residual update iterated to its fixed point (torchdeq); stops when the update "
+                   "vanishes, and stays stable beyond its training iterations.")
+    default_steps = 48
+    max_steps = 500
+    needs_checkpoint = True
+    Options = DEQRegOptions
+
+    # --- training hooks (used by Training/) -------------------------------------------------------------------
+    @staticmethod
+    def build_network(architecture: dict) -> DEQRegNetwork:
+        return DEQRegNetwork(DEQRegConfig.from_dict(architecture))
+
+    @staticmethod
+    def default_architecture(ndim: int) -> dict:
+        return DEQRegConfig(ndim=ndim).to_dict()
+
+    @staticmethod
+    def predict(network, fixed: torch.Tensor, moving: torch.Tensor) -> list[torch.Tensor]:
+        """Training: the sampled trajectory states (phantom gradients) on the image grid; eval: [solution]."""
+        grid = WorkingGrid.for_images(fixed, network.config.working_scale)
+        return [grid.displacement_up(u) for u in network(grid.image_down(fixed), grid.image_down(moving))]
+
+    @staticmethod
+    def step_weights(network, count: int) -> list[float]:
+        return network.config.step_weights(count)
+
+    # --- inference --------------------------------------------------------------------------------------------
+    def run(self, fixed, moving, steps=None, prompts: Prompts | None = None,
+            init: torch.Tensor | None = None) -> Iterator[Step]:
+        steps = self.check_inputs(fixed, moving, steps)
+        fixed, moving, grid, start = self._prepare(fixed, moving, prompts, init)
+        config = self.network.config
+        tolerance = self.options.tolerance
+        previous = None if init is None else init.to(self.device)
+        states = self.network.iterate(grid.image_down(fixed), grid.image_down(moving), steps, tolerance, start,
+                                      self.options.solver or None)
+        try:
+            for state in states:
+                converged = state.relative_residual < tolerance
+                final = converged or state.iteration == steps
+                channels = {"residual_map": state.update[0].norm(dim=0, keepdim=True), "update": state.update[0]}
+                beyond = "" if state.iteration <= config.max_iter else f" (beyond the {config.max_iter} trained)"
+                phase = (f"iteration {state.iteration}/{steps}{beyond}, residual {state.relative_residual:.1e}"
+                         + (" - converged" if converged else ""))
+                with torch.no_grad():
+                    step = self._step(state.iteration - 1, fixed, moving, grid, state.displacement, previous,
+                                      channels, phase, final, {"residual": state.relative_residual})
+                previous = step.displacement
+                yield step
+        finally:
+            states.close()  # a cancelled run stops the solver thread now

@@ -1,0 +1,137 @@
+"""What the learned methods share: loading a network from a checkpoint, and the working grid.
+
+The working grid is where a network iterates. On a GPU it is the image grid; on a 2-core CPU a
+full-resolution 3D U-Net step costs seconds (DESIGN.md §8), so a network may be trained and run on a coarser
+grid (``working_scale`` of the training grid, or a ``working_size`` chosen at inference) while every loss,
+metric and result is computed on the full grid with the displacement upsampled, as IIRP-Net and LapIRN do.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .base import MethodOptions, RegistrationMethod, Step, standard_step_metrics
+from ..checkpoints import read_checkpoint
+from ..errors import InputError
+from ..spatial import resize_displacement, resize_image, spatial_ndim, warp
+
+__all__ = ["load_network", "WorkingGrid", "working_shape", "WorkingGridOptions", "LearnedIterativeMethod"]
+
+
+def load_network(method_cls, path: str | Path) -> tuple[torch.nn.Module, dict]:
+    """Build ``method_cls``'s network from the architecture a checkpoint declares and load its weights."""
+    weights, metadata = read_checkpoint(path, method_cls.name)
+    try:
+        network = method_cls.build_network(metadata["architecture"])
+        network.load_state_dict(weights, strict=True)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise InputError(f"checkpoint '{path}' does not match the {method_cls.name} architecture it declares: "
+                         f"{str(exc).splitlines()[0]}") from None
+    return network, metadata
+
+
+def working_shape(shape: Sequence[int], scale: float = 1.0, size: int = 0) -> tuple[int, ...]:
+    """The working grid for an image grid ``shape``: ``size`` > 0 sets its longest side (aspect kept);
+    otherwise every side is scaled by ``scale``. Never finer than the image, never below 8 voxels."""
+    shape = tuple(int(n) for n in shape)
+    factor = size / max(shape) if size > 0 else scale
+    return tuple(min(n, max(8, round(n * factor))) for n in shape)
+
+
+@dataclass(frozen=True)
+class WorkingGrid:
+    """Moves images down to the working grid and displacements (voxels) between it and the image grid."""
+    image_shape: tuple[int, ...]
+    shape: tuple[int, ...]
+
+    @classmethod
+    def for_images(cls, image: torch.Tensor, scale: float = 1.0, size: int = 0) -> "WorkingGrid":
+        image_shape = tuple(image.shape[2:])
+        return cls(image_shape, working_shape(image_shape, scale, size))
+
+    @property
+    def is_identity(self) -> bool:
+        return self.shape == self.image_shape
+
+    def image_down(self, image: torch.Tensor) -> torch.Tensor:
+        return resize_image(image, self.shape)
+
+    def displacement_up(self, displacement: torch.Tensor) -> torch.Tensor:
+        return resize_displacement(displacement, self.image_shape)
+
+    def displacement_down(self, displacement: torch.Tensor) -> torch.Tensor:
+        return resize_displacement(displacement, self.shape)
+
+    def crop_coarse(self, tensor: torch.Tensor, level: int) -> torch.Tensor:
+        """Drop the padding a U-Net added from a ``[C, *coarse]`` map of encoder ``level`` (1/2^level)."""
+        return tensor[(slice(None), *[slice(0, -(-n // 2 ** level)) for n in self.shape])]
+
+
+@dataclass(frozen=True)
+class WorkingGridOptions(MethodOptions):
+    working_size: int = 0  # longest side of the network's grid; 0: the size it was trained at
+
+    def check(self) -> None:
+        if self.working_size < 0 or 0 < self.working_size < 8:
+            raise InputError(f"working_size must be 0 (the checkpoint's scale) or >= 8, got {self.working_size}")
+
+
+
+
+class LearnedIterativeMethod(RegistrationMethod):
+    """Shared by RIIR and DEQReg: checkpoint loading, input checks, working grid, warm start."""
+    needs_checkpoint = False  # subclasses set True
+    network_class: type
+
+    def __init__(self, network, metadata: dict, options=None, device="cpu"):
+        super().__init__(options, device)
+        self.network = network.to(self.device).eval()
+        self.metadata = metadata
+        training = metadata.get("training", {})
+        self.similarity = training.get("similarity", "lncc")
+        self.similarity_kwargs = {"window": training.get("window", 5)} if self.similarity == "lncc" else {}
+
+    @property
+    def trained_working_size(self) -> int:
+        """The longest side of the grid the network iterated on in training (0 if the checkpoint does not say).
+        By default inputs of any size are brought to it: the network sees anatomy at the scale it learned."""
+        shape = self.metadata.get("preprocessing", {}).get("training_shape")
+        return round(max(shape) * self.network.config.working_scale) if shape else 0
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu", options=None):
+        network, metadata = load_network(cls, path)
+        return cls(network, metadata, cls.Options.from_dict(options), device)
+
+    def check_inputs(self, fixed, moving, steps):
+        steps = super().check_inputs(fixed, moving, steps)
+        if spatial_ndim(fixed) != self.network.config.ndim:
+            raise InputError(f"this {self.name} checkpoint was trained on {self.network.config.ndim}D images; the "
+                             f"inputs are {spatial_ndim(fixed)}D: choose a {spatial_ndim(fixed)}D checkpoint")
+        return steps
+
+    def _prepare(self, fixed, moving, prompts, init):
+        if prompts is not None:
+            raise InputError(f"{self.name} cannot use landmark prompts; register without prompts, or use a method "
+                             "that takes them (classical, DIO)")
+        fixed, moving = fixed.to(self.device), moving.to(self.device)
+        grid = WorkingGrid.for_images(fixed, self.network.config.working_scale,
+                                      self.options.working_size or self.trained_working_size)
+        start = None
+        if init is not None:
+            if tuple(init.shape) != (1, spatial_ndim(fixed), *fixed.shape[2:]):
+                raise InputError(f"the starting displacement must be [1, {spatial_ndim(fixed)}, "
+                                 f"{', '.join(map(str, fixed.shape[2:]))}], got {list(init.shape)}")
+            start = grid.displacement_down(init.to(self.device, torch.float32))
+        return fixed, moving, grid, start
+
+    def _step(self, index, fixed, moving, grid, working_u, previous, channels, phase, final, extra=None):
+        displacement = grid.displacement_up(working_u)
+        warped = warp(moving, displacement)
+        metrics = standard_step_metrics(fixed, warped, displacement, previous, self.similarity,
+                                        self.similarity_kwargs)
+        metrics.update(extra or {})
+        return Step(index, displacement, warped, metrics, channels=channels, phase=phase, final=final)

@@ -1,0 +1,72 @@
+"""RIIR: Recurrent Inference Image Registration (Zhang et al., MedIA 2025) on the method interface.
+
+Each step runs the recurrent cell once (:mod:`iterreg.networks.riir`) and is streamed with its metrics and
+the cell's memory: ``h1``/``h2`` (every channel of each ConvGRU state) and ``inner_gradient`` (the
+similarity gradient the cell was given). It can run past the steps it was trained with; the hidden state
+and field simply continue (the DEQReg paper's Fig. 3 shows what happens then; Docs/benchmarks.md measures it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from .base import Prompts, Step
+from .learned import LearnedIterativeMethod, WorkingGrid, WorkingGridOptions
+from ..networks.riir import RIIRConfig, RIIRNetwork
+
+
+@dataclass(frozen=True)
+class RIIROptions(WorkingGridOptions):
+    pass
+
+
+class RIIRMethod(LearnedIterativeMethod):
+    name = "riir"
+    title = "RIIR (recurrent inference machine)"
+    description = ("A recurrent cell with ConvGRU memory learns the update rule; each step sees the similarity "
+                   "gradient, the warped image and its own hidden state.")
+    default_steps = 6
+    max_steps = 100
+    needs_checkpoint = True
+    Options = RIIROptions
+
+    # --- training hooks (used by Training/) -------------------------------------------------------------------
+    @staticmethod
+    def build_network(architecture: dict) -> RIIRNetwork:
+        return RIIRNetwork(RIIRConfig.from_dict(architecture))
+
+    @staticmethod
+    def default_architecture(ndim: int) -> dict:
+        return RIIRConfig(ndim=ndim).to_dict()
+
+    @staticmethod
+    def predict(network, fixed: torch.Tensor, moving: torch.Tensor) -> list[torch.Tensor]:
+        """Every step's displacement on the image grid, differentiable (the outer loss sums over them)."""
+        grid = WorkingGrid.for_images(fixed, network.config.working_scale)
+        return [grid.displacement_up(u) for u in network(grid.image_down(fixed), grid.image_down(moving))]
+
+    @staticmethod
+    def step_weights(network, count: int) -> list[float]:
+        return network.config.step_weights(count)
+
+    # --- inference --------------------------------------------------------------------------------------------
+    def run(self, fixed, moving, steps=None, prompts: Prompts | None = None,
+            init: torch.Tensor | None = None) -> Iterator[Step]:
+        steps = self.check_inputs(fixed, moving, steps)
+        fixed, moving, grid, start = self._prepare(fixed, moving, prompts, init)
+        trained = self.network.config.steps
+        previous = None if init is None else init.to(self.device)
+        with torch.no_grad():
+            states = self.network.iterate(grid.image_down(fixed), grid.image_down(moving), steps, start)
+            for t, state in enumerate(states):
+                channels = {f"h{k + 1}": grid.crop_coarse(h[0], level)
+                            for k, (h, level) in enumerate(zip(state.hidden, self.network.config.hidden_levels))}
+                channels["inner_gradient"] = state.inner_gradient[0]
+                beyond = "" if t < trained else f" (beyond the {trained} trained)"
+                step = self._step(t, fixed, moving, grid, state.displacement, previous, channels,
+                                  f"step {t + 1}/{steps}{beyond}", t == steps - 1,
+                                  {"inner_loss": state.inner_loss})
+                previous = step.displacement
+                yield step

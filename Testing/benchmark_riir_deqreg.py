@@ -1,0 +1,180 @@
+"""Benchmarks for RIIR and DEQReg (issue 6): training memory vs steps, and convergence beyond the trained steps.
+
+    .venv/bin/python Testing/benchmark_riir_deqreg.py memory        # peak training memory, one child per setting
+    .venv/bin/python Testing/benchmark_riir_deqreg.py convergence   # Dice / folding vs inference steps
+
+Accuracy and speed against identity, classical, VoxelMorph and elastix at 128^3 come from
+``Testing/benchmark_baselines.py --size 128`` (it runs every method with a bundled checkpoint).
+Each prints a table and writes its section of Docs/benchmarks.md with the machine. Not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+from benchmark_report import machine, markdown_table, write_section
+
+MEMORY_SETTINGS = [("riir", 4), ("riir", 6), ("riir", 12), ("deqreg", 12), ("deqreg", 48)]
+
+
+def _status_mb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def memory_child(method: str, steps: int, size: int) -> dict:
+    """One training iteration (forward + backward) after a warm-up one; peak RSS above the RSS before it."""
+    import time
+
+    import torch
+
+    from iterreg.methods import get_method
+    from iterreg.sample_data import make_pair
+    from iterreg.imaging import prepare_pair
+    from iterreg_train.trainer import registration_loss
+
+    torch.manual_seed(0)
+    cls = get_method(method)
+    # DEQReg with tolerance 0: every one of its T solver iterations runs (no early stop)
+    setting = {"steps": steps} if method == "riir" else {"max_iter": steps, "tolerance": 0.0}
+    network = cls.build_network({**cls.default_architecture(3), **setting, "working_scale": 1.0})
+    torch.nn.init.normal_(next(m for m in network.modules() if hasattr(m, "head")).head.weight, std=1e-3)
+    network.train()
+    sample = make_pair(size, seed=200)
+    prepared = prepare_pair(sample.fixed, sample.moving)
+    loss_config = {"similarity": "lncc", "window": 5, "regularizer": "diffusion", "regularization_weight": 0.1}
+
+    def iteration() -> float:
+        start = time.perf_counter()
+        displacements = cls.predict(network, prepared.fixed, prepared.moving)
+        loss, _ = registration_loss(prepared.fixed, prepared.moving, displacements, loss_config,
+                                    step_weights=cls.step_weights(network, len(displacements)))
+        network.zero_grad(set_to_none=True)
+        loss.backward()
+        return time.perf_counter() - start
+
+    iteration()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    before = _status_mb("VmRSS")
+    seconds = iteration()
+    return {"method": method, "steps": steps, "peak_mb": _status_mb("VmHWM") - before, "seconds": seconds}
+
+
+def memory(args) -> str:
+    rows, results = [], []
+    for method, steps in MEMORY_SETTINGS:
+        out = subprocess.run([sys.executable, __file__, "memory-child", method, str(steps), str(args.size)],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(out.stderr[-2000:])
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        results.append(result)
+        print(result, flush=True)
+    base = {m: next(r for r in results if r["method"] == m) for m in ("riir", "deqreg")}
+    for r in results:
+        rows.append([r["method"], str(r["steps"]), f"{r['peak_mb']:.0f}",
+                     f"{r['peak_mb'] / base[r['method']]['peak_mb']:.2f}", f"{r['seconds']:.1f}"])
+    table = markdown_table(["method", "training steps T", "peak MB above idle", "vs smallest T", "s / iteration"],
+                           rows)
+    return "\n".join([
+        f"## RIIR vs DEQReg: training memory against steps ({args.size}^3, CPU)", "",
+        f"Run {date.today().isoformat()} on {machine()}, by `Testing/benchmark_riir_deqreg.py memory --size "
+        f"{args.size}`. One training iteration (forward, loss over the returned states, backward) of the paper "
+        f"architectures on the full {args.size}^3 grid (working_scale 1), batch 1, after a warm-up iteration; "
+        "peak resident memory of a fresh process above its resident memory just before the iteration "
+        "(/proc VmHWM after resetting it). RIIR back-propagates through all T unrolled steps; DEQReg runs T solver "
+        "iterations without a graph and back-propagates through the phantom-gradient steps only (K = 2 per "
+        "sampled state, S = 3). No GPU was lent to this task, so there is no GPU column.", "", table])
+
+
+def convergence_runs(args) -> dict:
+    import torch
+
+    from iterreg.imaging import prepare_pair
+    from iterreg.methods import get_method
+    from iterreg.metrics import dice
+    from iterreg.sample_data import make_pair
+    from iterreg.spatial import warp_labels
+    import SimpleITK as sitk
+
+    torch.set_num_threads(2)
+    runs = {"riir": {"steps": 4 * 6, "options": {}}, "deqreg": {"steps": 4 * 48, "options": {"tolerance": 0.0}}}
+    curves: dict = {m: {"dice": [], "folding": [], "stopped": [], "stopped_dice": []} for m in runs}
+    for k in range(args.pairs):
+        sample = make_pair(args.size, seed=args.first_seed + k)
+        prepared = prepare_pair(sample.fixed, sample.moving)
+        fixed_labels = sitk.GetArrayFromImage(sample.fixed_labels)
+        moving_labels = torch.from_numpy(sitk.GetArrayFromImage(sample.moving_labels).astype(np.int64))[None, None]
+        score = lambda u: dice(fixed_labels, warp_labels(moving_labels, u)[0, 0].numpy())["mean"]  # noqa: E731
+        for name, run in runs.items():
+            method = get_method(name).create(options=run["options"], ndim=3)
+            d, f = [], []
+            for step in method.run(prepared.fixed, prepared.moving, run["steps"]):
+                d.append(score(step.displacement))
+                f.append(step.metrics["folding_percent"])
+            curves[name]["dice"].append(d)
+            curves[name]["folding"].append(f)
+            print(f"pair {args.first_seed + k} {name}: Dice {d[0]:.3f} -> {d[-1]:.3f} after {len(d)} steps",
+                  flush=True)
+        steps = list(get_method("deqreg").create(ndim=3).run(prepared.fixed, prepared.moving, 4 * 48))
+        curves["deqreg"]["stopped"].append(len(steps))
+        curves["deqreg"]["stopped_dice"].append(score(steps[-1].displacement))
+    return curves
+
+
+def convergence(args) -> str:
+    curves = convergence_runs(args)
+    trained = {"riir": 6, "deqreg": 48}
+    marks = {"riir": [1, 2, 3, 4, 6, 9, 12, 18, 24], "deqreg": [1, 4, 8, 12, 24, 36, 48, 72, 96, 144, 192]}
+    rows = []
+    for name in ("riir", "deqreg"):
+        dice_curve = np.mean(curves[name]["dice"], axis=0)
+        folding_curve = np.mean(curves[name]["folding"], axis=0)
+        for t in marks[name]:
+            note = "trained" if t == trained[name] else (f"{t / trained[name]:.0f}x trained"
+                                                         if t > trained[name] and t % trained[name] == 0 else "")
+            rows.append([name, str(t), f"{dice_curve[t - 1]:.3f}", f"{folding_curve[t - 1]:.3f}", note])
+        best = int(np.argmax(dice_curve)) + 1
+        rows.append([name, f"best: {best}", f"{dice_curve[best - 1]:.3f}", f"{folding_curve[best - 1]:.3f}", ""])
+    stopped = curves["deqreg"]["stopped"]
+    table = markdown_table(["method", "inference steps", "Dice", "folding %", ""], rows)
+    return "\n".join([
+        f"## RIIR vs DEQReg: convergence beyond the trained steps ({args.size}^3, the DEQReg paper's Fig. 3)", "",
+        f"Run {date.today().isoformat()} on {machine()}, by `Testing/benchmark_riir_deqreg.py convergence --size "
+        f"{args.size} --pairs {args.pairs} --first-seed {args.first_seed}`. Bundled 3D checkpoints; held-out "
+        f"generated pairs (seeds {args.first_seed}-{args.first_seed + args.pairs - 1}, peak 10 mm); mean over pairs. "
+        "RIIR runs 4x its 6 trained steps; DEQReg 4x its 48 trained iterations with the tolerance set to 0 so that "
+        "it never stops early.", "", table, "",
+        f"With its default tolerance (relative residual 1e-3) DEQReg stopped after {np.mean(stopped):.0f} "
+        f"iterations on average (per pair: {', '.join(map(str, stopped))}), at Dice "
+        f"{np.mean(curves['deqreg']['stopped_dice']):.3f}."])
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "memory-child":
+        print(json.dumps(memory_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("benchmark", choices=["memory", "convergence"])
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=200)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    body = memory(args) if args.benchmark == "memory" else convergence(args)
+    print(body)
+    if not args.no_write:
+        print(f"wrote {write_section(f'riir-deqreg-{args.benchmark}', body)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

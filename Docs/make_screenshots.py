@@ -96,6 +96,31 @@ def strip(paths_and_labels, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def network_strip(scene, view, fixed, moving, method: str, channel: str, steps: int, marks, name: str) -> None:
+    """A learned method with its bundled checkpoint: the warping image and one channel map at chosen steps."""
+    from iterreg.resources import default_checkpoint
+    if default_checkpoint(method, 3) is None:
+        print(f"no bundled 3D {method} checkpoint: {name}.png not made")
+        return
+    shots = []
+
+    def on_step(run, step):
+        if step.displacement is not None and (step.index + 1 in marks or step.final):
+            label = f"{method} step {step.index + 1}"
+            show_in_slice_views(scene, run.nodes["warping"], None)
+            shots.append((save_view(view, f"{name}_warp_{step.index + 1}"), label))
+            show_in_slice_views(scene, fixed, run.nodes["channel"], 0.7)
+            shots.append((save_view(view, f"{name}_{channel}_{step.index + 1}"), f"{channel}, step {step.index + 1}"))
+
+    run = SceneRegistration(scene, fixed, moving, RunSettings(method=method, steps=steps, channel=channel),
+                            on_step=on_step)
+    run.start().wait(timeout=600)
+    print(method, run.message)
+    strip(shots, OUT / f"{name}.png")
+    for path, _ in shots:
+        path.unlink()
+
+
 def main() -> int:
     OUT.mkdir(exist_ok=True)
     pair = read_pair(sample_pair_dir())
@@ -154,6 +179,8 @@ def main() -> int:
     for path, _ in diff_shots:
         path.unlink()
     chart_png(run.plot, OUT / "convergence.png")
+    network_strip(scene, view, fixed, moving, "riir", "h1", 6, (1, 3, 6), "riir_hidden_state")
+    network_strip(scene, view, fixed, moving, "deqreg", "residual_map", 48, (1, 12, 48), "deqreg_residual")
     print(f"wrote {len(list(OUT.glob('*.png')))} pictures to {OUT}")
     return 0
 

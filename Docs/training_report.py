@@ -42,7 +42,7 @@ def main() -> int:
     config["data"] = meta["training"]["config"]["data"]
     source = open_source(meta["data"]["kind"] if meta["data"]["kind"] == "synthetic" else meta["data"]["dataset"],
                          config)
-    validation_rows = evaluate(str(args.checkpoint), source)
+    validation_rows = evaluate(str(args.checkpoint), source, references=("identity", "classical"))
 
     class BundledPair(SyntheticSource):  # the demo pair, scored the same way
         def validation_pairs(self):
@@ -55,7 +55,8 @@ def main() -> int:
             pair.moving_points = torch.tensor(geometry.ras_to_array_index(sample.moving_landmarks_ras), dtype=torch.float32)
             return [pair]
 
-    bundled_rows = evaluate(str(args.checkpoint), BundledPair(tuple(config["data"]["shape"])))
+    bundled_rows = evaluate(str(args.checkpoint), BundledPair(tuple(config["data"]["shape"])),
+                            references=("identity", "classical")) if meta.get("ndim", 3) == 3 else None
     fmt = lambda rows: markdown_table(HEADER, [[r[0]] + [f"{v:.3f}" for v in r[1:]] for r in rows])  # noqa: E731
     history = [json.loads(line) for line in (args.run / "history.jsonl").read_text().splitlines()]
     history_table = markdown_table(["iteration", "validation Dice", "TRE mm", "similarity"],
@@ -79,14 +80,16 @@ def main() -> int:
         "",
         history_table,
         "",
-        "Scored with `iterreg-train evaluate` on the validation pairs (held-out seeds):",
+        "Scored on the validation pairs (held-out seeds), with the untrained references in the same run "
+        "(classical: its default 150 steps):",
         "",
         fmt(validation_rows),
         "",
+    ] + ([] if bundled_rows is None else [
         "On the bundled sample pair (`Resources/SampleData/mni_64`, what the demo registers):",
         "",
         fmt(bundled_rows),
-    ])
+    ]))
     print(body)
     path = HERE / "training.md"
     if not path.exists():

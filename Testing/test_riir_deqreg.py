@@ -158,6 +158,33 @@ def test_deqreg_phantom_gradient_training_reduces_the_loss_on_a_small_batch():
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+def test_deqreg_residual_weight_adds_the_vanishing_update_term_in_training_only():
+    fixed, moving = pair(2)
+    network = DEQRegNetwork(DEQRegConfig(ndim=2, max_iter=4, residual_weight=10.0))
+    network.train()
+    states = network(fixed, moving)
+    expected = 10.0 * network.residual(fixed, moving, states[-1]).pow(2).mean()
+    torch.testing.assert_close(network.auxiliary_loss, expected)
+    assert network.auxiliary_loss.requires_grad
+    network.eval()
+    with torch.no_grad():
+        network(fixed, moving)
+    assert network.auxiliary_loss is None
+    assert DEQRegNetwork(DEQRegConfig(ndim=2)).config.residual_weight == 0.0  # the paper has no such term
+
+
+def test_deqreg_jacobian_weight_penalises_the_jacobian_of_the_map_at_the_solution():
+    fixed, moving = pair(2)
+    torch.manual_seed(0)
+    network = DEQRegNetwork(DEQRegConfig(ndim=2, max_iter=4, jacobian_weight=1.0))
+    network.train()
+    network(fixed, moving)
+    # g = u + f with f ~ 0 at initialisation: J_g ~ I, whose normalised |J|_F^2 is 1
+    assert 0.9 < float(network.auxiliary_loss) < 1.1
+    network.auxiliary_loss.backward()
+    assert network.update.head.weight.grad.abs().sum() > 0
+
+
 class Contraction:
     """Stands in for the learned update: f(u) = rate * (target - u), whose fixed point is ``target``."""
 

@@ -17,6 +17,7 @@ import SimpleITK as sitk
 import torch
 
 from iterreg.errors import InputError
+from iterreg.methods import get_method
 
 TINY = ["--set", "data.shape=[32,32,32]", "--set", "data.synthetic_subjects=4", "--set", "data.validation_pairs=1",
         "--set", "training.validate_every=2", "--set", "training.checkpoint_every=2", "--threads", "1", "--quiet"]
@@ -354,3 +355,35 @@ def test_a_one_step_network_refuses_prompts_and_warm_starts_instead_of_ignoring_
         next(method.run(image, image, prompts=Prompts(points, points)))
     with pytest.raises(InputError, match="cannot continue from a previous field"):
         next(method.run(image, image, init=torch.zeros(1, 3, 32, 32, 32)))
+
+
+def test_fine_tuning_starts_from_the_given_checkpoint(tiny_run, tmp_path):
+    from iterreg.checkpoints import read_checkpoint
+    start, _ = read_checkpoint(tiny_run / "best.safetensors")
+    out = tmp_path / "ft"
+    assert train_cli("--out", str(out), "--iterations", "1", "--lr", "1e-12",
+                     "--set", f"training.init_from={tiny_run / 'best.safetensors'}") == 0
+    tuned, _ = read_checkpoint(out / "last.safetensors")
+    for name, weight in start.items():
+        torch.testing.assert_close(tuned[name], weight, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["riir", "deqreg"])
+def test_the_iterative_methods_train_from_the_cli_in_2d(tmp_path, method):
+    from iterreg.checkpoints import read_checkpoint
+    from iterreg_train.cli import main
+    out = tmp_path / method
+    code = main(["train", "--method", method, "--data", "synthetic", "--out", str(out), "--iterations", "2",
+                 "--set", "data.shape=[32,32]", "--set", "data.synthetic_subjects=4", "--set",
+                 "data.validation_pairs=1", "--set", "training.validate_every=2", "--set", "architecture.max_iter=4"
+                 if method == "deqreg" else "architecture.steps=2", "--threads", "1", "--quiet"])
+    assert code == 0
+    _, meta = read_checkpoint(out / "best.safetensors", method)
+    assert meta["ndim"] == 2 and meta["architecture"]["ndim"] == 2
+    assert get_method(method).create(out / "best.safetensors", ndim=2) is not None
+
+
+def test_numbers_in_overrides_are_numbers_even_in_exponent_form():
+    from iterreg_train.config import load_config
+    config = load_config("riir", overrides=["optimizer.lr=1e-4", "training.init_from=runs/a.safetensors"])
+    assert config["optimizer"]["lr"] == 1e-4 and config["training"]["init_from"] == "runs/a.safetensors"

@@ -32,6 +32,11 @@ def apply_override(config: dict, assignment: str) -> dict:
         raise InputError(f"--set expects key=value, got '{assignment}'")
     key, text = assignment.split("=", 1)
     value = yaml.safe_load(text)
+    if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string; a number is meant
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     update: dict = {}
     node = update
     parts = key.strip().split(".")

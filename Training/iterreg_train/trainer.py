@@ -161,7 +161,10 @@ def train(config: dict, source: PairSource, out: str | Path, resume: bool = Fals
     architecture = _architecture(method_cls, config, ndim)
     torch.manual_seed(t_cfg["seed"])  # identical initial weights on every rank
     random.seed(t_cfg["seed"])
-    network = method_cls.build_network(architecture).to(device_t)
+    network = method_cls.build_network(architecture)
+    if t_cfg.get("init_from") and not resume:
+        _load_initial_weights(network, t_cfg["init_from"], config["method"])
+    network = network.to(device_t)
     model = network
     if ddp.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -268,6 +271,17 @@ def _architecture(method_cls, config: dict, ndim: int) -> dict:
     if architecture.get("ndim", ndim) != ndim:
         raise InputError(f"architecture.ndim {architecture['ndim']} does not match data.shape ({ndim}D)")
     return architecture
+
+
+def _load_initial_weights(network, path: str, method: str) -> None:
+    """Fine-tuning: start from a checkpoint of the same method and architecture (weights only)."""
+    from iterreg.checkpoints import read_checkpoint
+    weights, _ = read_checkpoint(path, method)
+    try:
+        network.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise InputError(f"training.init_from '{path}' does not fit this architecture: "
+                         f"{str(exc).splitlines()[0]}") from None
 
 
 def _method_step_weights(method_cls, network, count: int):

@@ -42,6 +42,7 @@ class DEQRegConfig:
     gamma: float = 0.5
     working_scale: float = 1.0
     residual_weight: float = 0.0  # > 0 (ours, not the paper's): penalise |f_theta|^2 at the solution reached
+    jacobian_weight: float = 0.0  # > 0 (ours): torchdeq's Jacobian regularisation of g at the solution reached
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
@@ -104,11 +105,21 @@ class DEQRegNetwork(nn.Module):
         u0 = self._zero(fixed) if init is None else init
         states, _info = self.deq(self._map(fixed, moving), u0)
         self.auxiliary_loss = None
-        if self.training and self.config.residual_weight > 0:
-            # Eq. 5 defines the equilibrium by a vanishing update; asking for it at the state the training solve
-            # reached teaches updates that shrink as the images align, so the solve settles instead of drifting.
-            update = self.residual(fixed, moving, states[-1])
-            self.auxiliary_loss = self.config.residual_weight * update.pow(2).mean()
+        c = self.config
+        if self.training and (c.residual_weight > 0 or c.jacobian_weight > 0):
+            # Stabilisers for short (CPU) training, off in the paper's configuration (Docs/methods.md):
+            # Eq. 5 defines the equilibrium by a vanishing update, so ask for it at the state the training solve
+            # reached; and keep g = u + f contractive there (Bai et al. 2021's Jacobian regularisation,
+            # Hutchinson estimate of |J_g|_F^2 / n from torchdeq), so iterating past it cannot drift away.
+            from torchdeq.loss import jac_reg
+            point = states[-1].detach().requires_grad_(c.jacobian_weight > 0)
+            update = self.residual(fixed, moving, point)
+            terms = []
+            if c.residual_weight > 0:
+                terms.append(c.residual_weight * update.pow(2).mean())
+            if c.jacobian_weight > 0:
+                terms.append(c.jacobian_weight * jac_reg(point + update, point))
+            self.auxiliary_loss = sum(terms)
         return list(states)
 
     def _zero(self, fixed: torch.Tensor) -> torch.Tensor:

@@ -23,12 +23,33 @@ from ..spatial import resize_displacement, resize_image, spatial_ndim
 __all__ = ["Step", "Prompts", "RegistrationMethod", "MethodOptions", "standard_step_metrics"]
 
 
+class _ComputedOnAccess:
+    """A dataclass field that may be given as a zero-argument function: called on first access, then kept.
+    Lets a method hand out its full-resolution warped image without paying for it when nobody looks."""
+
+    def __set_name__(self, owner, name):
+        self.private = "_" + name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            raise AttributeError(self.private[1:])  # tells @dataclass the field has no default
+        value = getattr(obj, self.private)
+        if callable(value):
+            value = value()
+            setattr(obj, self.private, value)
+        return value
+
+    def __set__(self, obj, value):
+        setattr(obj, self.private, value)
+
+
 @dataclass
 class Step:
     """One iteration of a method.
 
     - ``displacement``: ``[1, ndim, *spatial]`` voxels on the fixed grid (see :mod:`iterreg.spatial`).
-    - ``warped``: ``[1, 1, *spatial]`` normalised moving image warped by ``displacement``.
+    - ``warped``: ``[1, 1, *spatial]`` normalised moving image warped by ``displacement`` (a method may pass a
+      zero-argument function instead; it is computed on first access).
     - ``metrics``: scalars; every method reports ``similarity`` (its loss, lower is better), ``regularizer``,
       ``update_norm`` (max |change of u| in voxels since the previous step) and ``folding_percent``.
     - ``channels``: named visualisation tensors ``[C, *spatial]`` (any resolution), e.g. hidden states.
@@ -36,7 +57,7 @@ class Step:
     """
     index: int
     displacement: torch.Tensor
-    warped: torch.Tensor
+    warped: torch.Tensor = _ComputedOnAccess()
     metrics: dict[str, float]
     channels: dict[str, torch.Tensor] = field(default_factory=dict)
     phase: str = ""

@@ -67,9 +67,9 @@ class DEQRegMethod(LearnedIterativeMethod):
         fixed, moving, grid, start = self._prepare(fixed, moving, prompts, init)
         config = self.network.config
         tolerance = self.options.tolerance
-        previous = None if init is None else init.to(self.device)
-        states = self.network.iterate(grid.image_down(fixed), grid.image_down(moving), steps, tolerance, start,
-                                      self.options.solver or None)
+        previous = start
+        fixed_w, moving_w = grid.image_down(fixed), grid.image_down(moving)
+        states = self.network.iterate(fixed_w, moving_w, steps, tolerance, start, self.options.solver or None)
         try:
             for state in states:
                 converged = state.relative_residual < tolerance
@@ -79,9 +79,9 @@ class DEQRegMethod(LearnedIterativeMethod):
                 phase = (f"iteration {state.iteration}/{steps}{beyond}, residual {state.relative_residual:.1e}"
                          + (" - converged" if converged else ""))
                 with torch.no_grad():
-                    step = self._step(state.iteration - 1, fixed, moving, grid, state.displacement, previous,
-                                      channels, phase, final, {"residual": state.relative_residual})
-                previous = step.displacement
+                    step = self._step(state.iteration - 1, fixed_w, moving_w, moving, grid, state.displacement,
+                                      previous, channels, phase, final, {"residual": state.relative_residual})
+                previous = state.displacement
                 yield step
         finally:
             states.close()  # a cancelled run stops the solver thread now

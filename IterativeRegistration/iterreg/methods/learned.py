@@ -79,12 +79,8 @@ class WorkingGridOptions(MethodOptions):
             raise InputError(f"working_size must be 0 (the checkpoint's scale) or >= 8, got {self.working_size}")
 
 
-
-
 class LearnedIterativeMethod(RegistrationMethod):
     """Shared by RIIR and DEQReg: checkpoint loading, input checks, working grid, warm start."""
-    needs_checkpoint = False  # subclasses set True
-    network_class: type
 
     def __init__(self, network, metadata: dict, options=None, device="cpu"):
         super().__init__(options, device)
@@ -116,7 +112,7 @@ class LearnedIterativeMethod(RegistrationMethod):
     def _prepare(self, fixed, moving, prompts, init):
         if prompts is not None:
             raise InputError(f"{self.name} cannot use landmark prompts; register without prompts, or use a method "
-                             "that takes them (classical, DIO)")
+                             "that takes them (classical)")
         fixed, moving = fixed.to(self.device), moving.to(self.device)
         grid = WorkingGrid.for_images(fixed, self.network.config.working_scale,
                                       self.options.working_size or self.trained_working_size)
@@ -128,10 +124,19 @@ class LearnedIterativeMethod(RegistrationMethod):
             start = grid.displacement_down(init.to(self.device, torch.float32))
         return fixed, moving, grid, start
 
-    def _step(self, index, fixed, moving, grid, working_u, previous, channels, phase, final, extra=None):
+    def _step(self, index, fixed_w, moving_w, moving, grid, working_u, previous_u, channels, phase, final,
+              extra=None):
+        """A Step on the image grid from the working-grid state. Its metrics are computed on the working grid,
+        where the network iterates (cheap at any image size); ``update_norm`` is in image voxels (exact: the
+        upsampling is linear, so the largest change sits on a working-grid node); the full-resolution warped
+        image is computed only if someone asks for it."""
         displacement = grid.displacement_up(working_u)
-        warped = warp(moving, displacement)
-        metrics = standard_step_metrics(fixed, warped, displacement, previous, self.similarity,
+        metrics = standard_step_metrics(fixed_w, warp(moving_w, working_u), working_u, None, self.similarity,
                                         self.similarity_kwargs)
+        change = working_u if previous_u is None else working_u - previous_u
+        per_axis = torch.tensor([(n - 1) / max(w - 1, 1) for n, w in zip(grid.image_shape, grid.shape)],
+                                device=change.device, dtype=change.dtype)
+        metrics["update_norm"] = float((change * per_axis.view(1, -1, *[1] * len(grid.shape))).norm(dim=1).max())
         metrics.update(extra or {})
-        return Step(index, displacement, warped, metrics, channels=channels, phase=phase, final=final)
+        return Step(index, displacement, lambda: warp(moving, displacement), metrics, channels=channels,
+                    phase=phase, final=final)

@@ -57,16 +57,14 @@ class RIIRMethod(LearnedIterativeMethod):
         steps = self.check_inputs(fixed, moving, steps)
         fixed, moving, grid, start = self._prepare(fixed, moving, prompts, init)
         trained = self.network.config.steps
-        previous = None if init is None else init.to(self.device)
+        previous = start
+        fixed_w, moving_w = grid.image_down(fixed), grid.image_down(moving)
         with torch.no_grad():
-            states = self.network.iterate(grid.image_down(fixed), grid.image_down(moving), steps, start)
-            for t, state in enumerate(states):
+            for t, state in enumerate(self.network.iterate(fixed_w, moving_w, steps, start)):
                 channels = {f"h{k + 1}": grid.crop_coarse(h[0], level)
                             for k, (h, level) in enumerate(zip(state.hidden, self.network.config.hidden_levels))}
                 channels["inner_gradient"] = state.inner_gradient[0]
                 beyond = "" if t < trained else f" (beyond the {trained} trained)"
-                step = self._step(t, fixed, moving, grid, state.displacement, previous, channels,
-                                  f"step {t + 1}/{steps}{beyond}", t == steps - 1,
-                                  {"inner_loss": state.inner_loss})
-                previous = step.displacement
-                yield step
+                yield self._step(t, fixed_w, moving_w, moving, grid, state.displacement, previous, channels,
+                                 f"step {t + 1}/{steps}{beyond}", t == steps - 1, {"inner_loss": state.inner_loss})
+                previous = state.displacement

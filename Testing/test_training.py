@@ -220,7 +220,8 @@ def test_an_existing_run_is_not_overwritten_without_resume(tiny_run, capsys):
 
 def test_resume_after_kill_9_reproduces_an_uninterrupted_run(tmp_path):
     command = [sys.executable, "-m", "iterreg_train", "train", "--method", "voxelmorph", "--data", "synthetic",
-               *TINY, "--iterations", "12"]
+               *TINY, "--iterations", "12", "--set", "schedule.name=cosine",  # the bundled runs' schedule
+               "--set", "schedule.warmup_iterations=2"]
     straight = tmp_path / "straight"
     subprocess.run([*command, "--out", str(straight)], check=True, timeout=300, capture_output=True)
 

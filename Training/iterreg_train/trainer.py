@@ -320,8 +320,8 @@ def _schedule(config: dict):
     def factor(i: int) -> float:
         if warmup and i < warmup:
             return (i + 1) / warmup
-        if name == "cosine":
-            return 0.5 * (1 + np.cos(np.pi * min(i, total) / total))
+        if name == "cosine":  # a Python float: numpy scalars in the scheduler state would fail the safe resume load
+            return float(0.5 * (1 + np.cos(np.pi * min(i, total) / total)))
         return 1.0
     return factor
 

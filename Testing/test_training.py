@@ -370,18 +370,24 @@ def test_fine_tuning_starts_from_the_given_checkpoint(tiny_run, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["riir", "deqreg"])
-def test_the_iterative_methods_train_from_the_cli_in_2d(tmp_path, method):
+def test_the_iterative_methods_train_from_the_cli_in_2d_deterministically(tmp_path, method):
     from iterreg.checkpoints import read_checkpoint
     from iterreg_train.cli import main
-    out = tmp_path / method
-    code = main(["train", "--method", method, "--data", "synthetic", "--out", str(out), "--iterations", "2",
-                 "--set", "data.shape=[32,32]", "--set", "data.synthetic_subjects=4", "--set",
-                 "data.validation_pairs=1", "--set", "training.validate_every=2", "--set", "architecture.max_iter=4"
-                 if method == "deqreg" else "architecture.steps=2", "--threads", "1", "--quiet"])
-    assert code == 0
-    _, meta = read_checkpoint(out / "best.safetensors", method)
+    weights = []
+    for run in ("a", "b"):
+        out = tmp_path / f"{method}_{run}"
+        code = main(["train", "--method", method, "--data", "synthetic", "--out", str(out), "--iterations", "2",
+                     "--set", "data.shape=[32,32]", "--set", "data.synthetic_subjects=4", "--set",
+                     "data.validation_pairs=1", "--set", "training.validate_every=2", "--set",
+                     "architecture.max_iter=4" if method == "deqreg" else "architecture.steps=2",
+                     "--threads", "1", "--quiet"])
+        assert code == 0
+        state, meta = read_checkpoint(out / "last.safetensors", method)
+        weights.append(state)
     assert meta["ndim"] == 2 and meta["architecture"]["ndim"] == 2
     assert get_method(method).create(out / "best.safetensors", ndim=2) is not None
+    for name in weights[0]:  # same seed, same machine: the same weights, bit for bit
+        assert torch.equal(weights[0][name], weights[1][name]), name
 
 
 def test_numbers_in_overrides_are_numbers_even_in_exponent_form():

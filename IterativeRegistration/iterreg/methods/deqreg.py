@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 
 from .base import Prompts, Step
-from .learned import LearnedIterativeMethod, WorkingGrid, WorkingGridOptions
+from .learned import LearnedIterativeMethod, WorkingGridOptions
 from ..errors import InputError
 from ..networks.deqreg import SOLVERS, DEQRegConfig, DEQRegNetwork
 
@@ -40,25 +40,7 @@ class DEQRegMethod(LearnedIterativeMethod):
     max_steps = 500
     needs_checkpoint = True
     Options = DEQRegOptions
-
-    # --- training hooks (used by Training/) -------------------------------------------------------------------
-    @staticmethod
-    def build_network(architecture: dict) -> DEQRegNetwork:
-        return DEQRegNetwork(DEQRegConfig.from_dict(architecture))
-
-    @staticmethod
-    def default_architecture(ndim: int) -> dict:
-        return DEQRegConfig(ndim=ndim).to_dict()
-
-    @staticmethod
-    def predict(network, fixed: torch.Tensor, moving: torch.Tensor) -> list[torch.Tensor]:
-        """Training: the sampled trajectory states (phantom gradients) on the image grid; eval: [solution]."""
-        grid = WorkingGrid.for_images(fixed, network.config.working_scale)
-        return [grid.displacement_up(u) for u in network(grid.image_down(fixed), grid.image_down(moving))]
-
-    @staticmethod
-    def step_weights(network, count: int) -> list[float]:
-        return network.config.step_weights(count)
+    network_class, config_class = DEQRegNetwork, DEQRegConfig
 
     # --- inference --------------------------------------------------------------------------------------------
     def run(self, fixed, moving, steps=None, prompts: Prompts | None = None,

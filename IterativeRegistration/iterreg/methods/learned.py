@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 
@@ -18,7 +18,8 @@ from ..checkpoints import read_checkpoint
 from ..errors import InputError
 from ..spatial import resize_displacement, resize_image, spatial_ndim, warp
 
-__all__ = ["load_network", "WorkingGrid", "working_shape", "WorkingGridOptions", "LearnedIterativeMethod"]
+__all__ = ["load_network", "WorkingGrid", "working_shape", "WorkingGridOptions", "NetworkMethod",
+           "LearnedIterativeMethod"]
 
 
 def load_network(method_cls, path: str | Path) -> tuple[torch.nn.Module, dict]:
@@ -79,8 +80,9 @@ class WorkingGridOptions(MethodOptions):
             raise InputError(f"working_size must be 0 (the checkpoint's scale) or >= 8, got {self.working_size}")
 
 
-class LearnedIterativeMethod(RegistrationMethod):
-    """Shared by RIIR and DEQReg: checkpoint loading, input checks, working grid, warm start."""
+class NetworkMethod(RegistrationMethod):
+    """A method run by one network loaded from a checkpoint (VoxelMorph, RIIR, DEQReg): loading, the loss the
+    checkpoint was trained with (for the step metrics) and the image-dimension check."""
 
     def __init__(self, network, metadata: dict, options=None, device="cpu"):
         super().__init__(options, device)
@@ -89,13 +91,6 @@ class LearnedIterativeMethod(RegistrationMethod):
         training = metadata.get("training", {})
         self.similarity = training.get("similarity", "lncc")
         self.similarity_kwargs = {"window": training.get("window", 5)} if self.similarity == "lncc" else {}
-
-    @property
-    def trained_working_size(self) -> int:
-        """The longest side of the grid the network iterated on in training (0 if the checkpoint does not say).
-        By default inputs of any size are brought to it: the network sees anatomy at the scale it learned."""
-        shape = self.metadata.get("preprocessing", {}).get("training_shape")
-        return round(max(shape) * self.network.config.working_scale) if shape else 0
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", options=None):
@@ -108,6 +103,43 @@ class LearnedIterativeMethod(RegistrationMethod):
             raise InputError(f"this {self.name} checkpoint was trained on {self.network.config.ndim}D images; the "
                              f"inputs are {spatial_ndim(fixed)}D: choose a {spatial_ndim(fixed)}D checkpoint")
         return steps
+
+
+class LearnedIterativeMethod(NetworkMethod):
+    """Shared by RIIR and DEQReg: training hooks, working grid, warm start.
+    A subclass names its network and config classes; the network's ``forward(fixed, moving)`` returns the
+    working-grid displacements the training loss sums over, and its config has ``step_weights(count)``."""
+    network_class: ClassVar[type]
+    config_class: ClassVar[type]
+
+    # --- training hooks (used by Training/) -------------------------------------------------------------------
+    @classmethod
+    def build_network(cls, architecture: dict) -> torch.nn.Module:
+        return cls.network_class(cls.config_class.from_dict(architecture))
+
+    @classmethod
+    def default_architecture(cls, ndim: int) -> dict:
+        return cls.config_class(ndim=ndim).to_dict()
+
+    @staticmethod
+    def predict(network, fixed: torch.Tensor, moving: torch.Tensor) -> list[torch.Tensor]:
+        """The displacements the outer loss sums over (RIIR: every step; DEQReg: the sampled states in training,
+        the solution in evaluation), upsampled to the image grid and differentiable."""
+        grid = WorkingGrid.for_images(fixed, network.config.working_scale)
+        return [grid.displacement_up(u) for u in network(grid.image_down(fixed), grid.image_down(moving))]
+
+    @staticmethod
+    def step_weights(network, count: int) -> list[float]:
+        return network.config.step_weights(count)
+
+    # --- inference --------------------------------------------------------------------------------------------
+
+    @property
+    def trained_working_size(self) -> int:
+        """The longest side of the grid the network iterated on in training (0 if the checkpoint does not say).
+        By default inputs of any size are brought to it: the network sees anatomy at the scale it learned."""
+        shape = self.metadata.get("preprocessing", {}).get("training_shape")
+        return round(max(shape) * self.network.config.working_scale) if shape else 0
 
     def _prepare(self, fixed, moving, prompts, init):
         if prompts is not None:

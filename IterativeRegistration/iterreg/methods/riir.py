@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 
 from .base import Prompts, Step
-from .learned import LearnedIterativeMethod, WorkingGrid, WorkingGridOptions
+from .learned import LearnedIterativeMethod, WorkingGridOptions
 from ..networks.riir import RIIRConfig, RIIRNetwork
 
 
@@ -31,25 +31,7 @@ class RIIRMethod(LearnedIterativeMethod):
     max_steps = 100
     needs_checkpoint = True
     Options = RIIROptions
-
-    # --- training hooks (used by Training/) -------------------------------------------------------------------
-    @staticmethod
-    def build_network(architecture: dict) -> RIIRNetwork:
-        return RIIRNetwork(RIIRConfig.from_dict(architecture))
-
-    @staticmethod
-    def default_architecture(ndim: int) -> dict:
-        return RIIRConfig(ndim=ndim).to_dict()
-
-    @staticmethod
-    def predict(network, fixed: torch.Tensor, moving: torch.Tensor) -> list[torch.Tensor]:
-        """Every step's displacement on the image grid, differentiable (the outer loss sums over them)."""
-        grid = WorkingGrid.for_images(fixed, network.config.working_scale)
-        return [grid.displacement_up(u) for u in network(grid.image_down(fixed), grid.image_down(moving))]
-
-    @staticmethod
-    def step_weights(network, count: int) -> list[float]:
-        return network.config.step_weights(count)
+    network_class, config_class = RIIRNetwork, RIIRConfig
 
     # --- inference --------------------------------------------------------------------------------------------
     def run(self, fixed, moving, steps=None, prompts: Prompts | None = None,

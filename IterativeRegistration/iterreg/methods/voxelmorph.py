@@ -10,11 +10,11 @@ from typing import Iterator
 
 import torch
 
-from .base import MethodOptions, Prompts, RegistrationMethod, Step, standard_step_metrics
-from .learned import load_network
+from .base import MethodOptions, Prompts, Step, standard_step_metrics
+from .learned import NetworkMethod
 from ..errors import InputError
 from ..networks.unet import UNet, UNetConfig, pad_to_multiple
-from ..spatial import spatial_ndim, warp
+from ..spatial import warp
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class VoxelMorphOptions(MethodOptions):
     feature_maps: int = 4  # decoder feature maps exposed as the "features" channel
 
 
-class VoxelMorphMethod(RegistrationMethod):
+class VoxelMorphMethod(NetworkMethod):
     name = "voxelmorph"
     title = "VoxelMorph (one-step U-Net baseline)"
     description = "A single U-Net pass predicts the displacement; the baseline the iterative methods improve on."
@@ -30,14 +30,6 @@ class VoxelMorphMethod(RegistrationMethod):
     max_steps = 1
     needs_checkpoint = True
     Options = VoxelMorphOptions
-
-    def __init__(self, network: UNet, metadata: dict, options: VoxelMorphOptions | None = None, device="cpu"):
-        super().__init__(options, device)
-        self.network = network.to(self.device).eval()
-        self.metadata = metadata
-        training = metadata.get("training", {})
-        self.similarity = training.get("similarity", "lncc")
-        self.similarity_kwargs = {"window": training.get("window", 9)} if self.similarity == "lncc" else {}
 
     # --- training hooks (used by Training/) -------------------------------------------------------------------
     @staticmethod
@@ -55,18 +47,6 @@ class VoxelMorphMethod(RegistrationMethod):
         return [network(x)[crop]]
 
     # --- inference --------------------------------------------------------------------------------------------
-    @classmethod
-    def from_checkpoint(cls, path, device="cpu", options=None) -> "VoxelMorphMethod":
-        network, metadata = load_network(cls, path)
-        return cls(network, metadata, cls.Options.from_dict(options), device)
-
-    def check_inputs(self, fixed, moving, steps):
-        steps = super().check_inputs(fixed, moving, steps)
-        if spatial_ndim(fixed) != self.network.config.ndim:
-            raise InputError(f"this checkpoint was trained on {self.network.config.ndim}D images; the inputs are "
-                             f"{spatial_ndim(fixed)}D")
-        return steps
-
     @torch.no_grad()
     def run(self, fixed, moving, steps=None, prompts: Prompts | None = None,
             init: torch.Tensor | None = None) -> Iterator[Step]:

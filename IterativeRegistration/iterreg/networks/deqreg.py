@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
 
 from ..spatial import warp
+from .config import DictConfig
 from .unet import UNet, UNetConfig, pad_to_multiple
 
 __all__ = ["DEQRegConfig", "DEQRegNetwork", "DEQState", "stream_solver", "SOLVERS"]
@@ -29,7 +30,7 @@ SOLVERS = ("fixed_point_iter", "anderson")
 
 
 @dataclass(frozen=True)
-class DEQRegConfig:
+class DEQRegConfig(DictConfig):
     ndim: int = 3
     encoder: tuple = (16, 16, 32, 32, 32)
     decoder: tuple = (32, 32, 32, 32, 32, 16, 16)
@@ -51,17 +52,6 @@ class DEQRegConfig:
             raise ValueError("max_iter, phantom_steps and states must be >= 1 and tau in (0, 1]")
         if not 0 < self.working_scale <= 1:
             raise ValueError("working_scale must be in (0, 1]")
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "DEQRegConfig":
-        data = dict(data)
-        for key in ("encoder", "decoder"):
-            if key in data:
-                data[key] = tuple(int(v) for v in data[key])
-        return cls(**data)
 
     def step_weights(self, count: int) -> list[float]:
         """Correction weights gamma^(S-1-k) of the sampled states, normalised to sum 1."""

@@ -13,7 +13,7 @@ Choices where the paper is silent (Docs/methods.md):
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from .. import losses
 from ..spatial import warp
+from .config import DictConfig
 from .unet import RecurrentUNet, UNetConfig, pad_to_multiple
 
 __all__ = ["RIIRConfig", "RIIRNetwork", "RIIRState", "INNER_LOSSES"]
@@ -29,7 +30,7 @@ INNER_LOSSES = ("mse", "lncc", "nmi")
 
 
 @dataclass(frozen=True)
-class RIIRConfig:
+class RIIRConfig(DictConfig):
     ndim: int = 3
     encoder: tuple = (16, 16, 32, 32, 32)  # the VoxelMorph-size U-Net of the paper's baselines
     decoder: tuple = (32, 32, 32, 32, 32, 16, 16)
@@ -50,17 +51,6 @@ class RIIRConfig:
             raise ValueError(f"step_weighting must be exponential or uniform, got '{self.step_weighting}'")
         if self.steps < 1 or not 0 < self.working_scale <= 1:
             raise ValueError("steps must be >= 1 and working_scale in (0, 1]")
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "RIIRConfig":
-        data = dict(data)
-        for key in ("encoder", "decoder", "hidden_levels"):
-            if key in data:
-                data[key] = tuple(int(v) for v in data[key])
-        return cls(**data)
 
     def step_weights(self, count: int) -> list[float]:
         """Outer-loss weights of ``count`` steps, normalised to sum 1 (Adam does not care about the scale;

@@ -11,17 +11,19 @@ both the deeper levels and the skip connection.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import DictConfig
+
 __all__ = ["UNet", "UNetConfig", "RecurrentUNet", "ConvGRU", "pad_to_multiple"]
 
 
 @dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(DictConfig):
     ndim: int = 3
     in_channels: int = 2
     out_channels: int = 3
@@ -30,17 +32,6 @@ class UNetConfig:
     final_init_std: float = 1e-5
     hidden_levels: tuple = ()  # RecurrentUNet: encoder levels (1 = half resolution) that carry a ConvGRU
     hidden_channels: int = 32
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "UNetConfig":
-        data = dict(data)
-        for key in ("encoder", "decoder", "hidden_levels"):
-            if key in data:
-                data[key] = tuple(int(v) for v in data[key])
-        return cls(**data)
 
     @property
     def multiple(self) -> int:

@@ -130,3 +130,14 @@ def test_sample_displacement_at_interpolates_linearly_between_voxels():
     u = identity_grid((6, 7), dtype=torch.float64) * 0.5  # u(x) = x / 2, linear: interpolation is exact
     points = torch.tensor([[1.25, 3.5], [4.0, 0.75]], dtype=torch.float64)
     np.testing.assert_allclose(sample_displacement_at(u, points).numpy(), points.numpy() * 0.5, atol=1e-12)
+
+
+def test_update_norm_of_a_coarse_step_is_in_image_voxels():
+    """A learned method iterating on a coarse grid reports its per-step change in voxels of the image grid:
+    one working voxel of a 17-voxel grid spans two voxels of a 33-voxel grid."""
+    from iterreg.spatial import rescale_voxel_vectors
+    coarse = torch.zeros(1, 2, 17, 17)
+    coarse[:, 1] = 1.0
+    fine = rescale_voxel_vectors(coarse, (17, 17), (33, 33))
+    assert torch.allclose(fine[:, 1], torch.full((1, 17, 17), 2.0)) and fine[:, 0].abs().max() == 0
+    torch.testing.assert_close(fine, resize_displacement(coarse, (33, 33))[..., ::2, ::2])

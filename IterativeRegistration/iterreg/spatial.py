@@ -23,6 +23,7 @@ __all__ = [
     "identity_grid",
     "warp",
     "warp_labels",
+    "rescale_voxel_vectors",
     "compose",
     "resize_displacement",
     "resize_image",
@@ -147,9 +148,17 @@ def resize_displacement(displacement: torch.Tensor, shape: Sequence[int]) -> tor
         return displacement
     mode = "bilinear" if nd == 2 else "trilinear"
     resized = F.interpolate(displacement, size=shape, mode=mode, align_corners=True)
-    factors = torch.tensor([(n - 1) / max(o - 1, 1) for n, o in zip(shape, old)],
-                           device=displacement.device, dtype=displacement.dtype)
-    return resized * factors.view(1, nd, *([1] * nd))
+    return rescale_voxel_vectors(resized, old, shape)
+
+
+def rescale_voxel_vectors(vectors: torch.Tensor, old_shape: Sequence[int], new_shape: Sequence[int]) -> torch.Tensor:
+    """Express ``[B, ndim, ...]`` vectors given in voxels of a grid of ``old_shape`` in voxels of a grid of
+    ``new_shape`` over the same field of view (corner-aligned: one old voxel along axis c is
+    ``(new_c - 1) / (old_c - 1)`` new voxels)."""
+    nd = len(old_shape)
+    factors = torch.tensor([(n - 1) / max(o - 1, 1) for n, o in zip(new_shape, old_shape)],
+                           device=vectors.device, dtype=vectors.dtype)
+    return vectors * factors.view(1, nd, *([1] * (vectors.dim() - 2)))
 
 
 def jacobian_matrix(displacement: torch.Tensor) -> torch.Tensor:

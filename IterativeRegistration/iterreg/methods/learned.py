@@ -16,7 +16,7 @@ import torch
 from .base import MethodOptions, RegistrationMethod, Step, standard_step_metrics
 from ..checkpoints import read_checkpoint
 from ..errors import InputError
-from ..spatial import resize_displacement, resize_image, spatial_ndim, warp
+from ..spatial import resize_displacement, resize_image, rescale_voxel_vectors, spatial_ndim, warp
 
 __all__ = ["load_network", "WorkingGrid", "working_shape", "WorkingGridOptions", "NetworkMethod",
            "LearnedIterativeMethod"]
@@ -166,9 +166,8 @@ class LearnedIterativeMethod(NetworkMethod):
         metrics = standard_step_metrics(fixed_w, warp(moving_w, working_u), working_u, None, self.similarity,
                                         self.similarity_kwargs)
         change = working_u if previous_u is None else working_u - previous_u
-        per_axis = torch.tensor([(n - 1) / max(w - 1, 1) for n, w in zip(grid.image_shape, grid.shape)],
-                                device=change.device, dtype=change.dtype)
-        metrics["update_norm"] = float((change * per_axis.view(1, -1, *[1] * len(grid.shape))).norm(dim=1).max())
+        change = rescale_voxel_vectors(change, grid.shape, grid.image_shape)
+        metrics["update_norm"] = float(change.norm(dim=1).max())
         metrics.update(extra or {})
         return Step(index, displacement, lambda: warp(moving, displacement), metrics, channels=channels,
                     phase=phase, final=final)

@@ -16,8 +16,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from iterreg import losses
 from iterreg.errors import InputError
 from iterreg.methods import get_method
+from iterreg.spatial import warp
 
 TINY = ["--set", "data.shape=[32,32,32]", "--set", "data.synthetic_subjects=4", "--set", "data.validation_pairs=1",
         "--set", "training.validate_every=2", "--set", "training.checkpoint_every=2", "--threads", "1", "--quiet"]
@@ -369,7 +371,11 @@ def test_fine_tuning_starts_from_the_given_checkpoint(tiny_run, tmp_path):
         torch.testing.assert_close(tuned[name], weight, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["riir", "deqreg"])
+SHORT_RUN = {"riir": "architecture.steps=2", "deqreg": "architecture.max_iter=4", "iirp": "training.seed=0",
+             "r2n2": "architecture.steps=3"}
+
+
+@pytest.mark.parametrize("method", sorted(SHORT_RUN))
 def test_the_iterative_methods_train_from_the_cli_in_2d_deterministically(tmp_path, method):
     from iterreg.checkpoints import read_checkpoint
     from iterreg_train.cli import main
@@ -379,7 +385,7 @@ def test_the_iterative_methods_train_from_the_cli_in_2d_deterministically(tmp_pa
         code = main(["train", "--method", method, "--data", "synthetic", "--out", str(out), "--iterations", "2",
                      "--set", "data.shape=[32,32]", "--set", "data.synthetic_subjects=4", "--set",
                      "data.validation_pairs=1", "--set", "training.validate_every=2", "--set",
-                     "architecture.max_iter=4" if method == "deqreg" else "architecture.steps=2",
+                     SHORT_RUN[method],
                      "--threads", "1", "--quiet"])
         assert code == 0
         state, meta = read_checkpoint(out / "last.safetensors", method)
@@ -394,3 +400,24 @@ def test_numbers_in_overrides_are_numbers_even_in_exponent_form():
     from iterreg_train.config import load_config
     config = load_config("riir", overrides=["optimizer.lr=1e-4", "training.init_from=runs/a.safetensors"])
     assert config["optimizer"]["lr"] == 1e-4 and config["training"]["init_from"] == "runs/a.safetensors"
+
+
+def test_r2n2_regularizes_only_the_final_field_once_as_in_its_paper():
+    from iterreg_train.trainer import registration_loss
+    fixed = torch.rand(1, 1, 16, 16)
+    moving = torch.rand(1, 1, 16, 16)
+    rough = torch.randn(1, 2, 16, 16)
+    config = {"similarity": "mse", "window": 9, "regularizer": "tv", "regularization_weight": 0.5}
+    zero = torch.zeros_like(rough)
+    every, _ = registration_loss(fixed, moving, [rough, zero], config, step_weights=[0.5, 0.5])
+    last, _ = registration_loss(fixed, moving, [rough, zero], {**config, "regularize": "last"},
+                                step_weights=[0.5, 0.5])
+    similarity_only, _ = registration_loss(fixed, moving, [rough, zero], {**config, "regularization_weight": 0.0},
+                                           step_weights=[0.5, 0.5])
+    assert float(last) == pytest.approx(float(similarity_only))  # the rough field was not the last one
+    assert float(every) > float(last)
+    final_rough, _ = registration_loss(fixed, moving, [zero, rough], {**config, "regularize": "last"},
+                                       step_weights=[0.5, 0.5])
+    tv = float(losses.isotropic_tv(rough))
+    mean_sim = 0.5 * (float(losses.mse(fixed, moving)) + float(losses.mse(fixed, warp(moving, rough))))
+    assert float(final_rough) == pytest.approx(mean_sim + 0.5 * tv, rel=1e-5)

@@ -16,7 +16,7 @@ from .spatial import jacobian_determinant
 # MONAI 1.6 warns about its own internal use of a deprecated argument in get_mask_edges.
 warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
 
-__all__ = ["dice", "hd95", "tre", "folding_percent", "std_log_jacobian", "mean_grad_jacobian",
+__all__ = ["dice", "hd95", "tre", "global_ncc", "folding_percent", "std_log_jacobian", "mean_grad_jacobian",
            "field_regularity", "label_values"]
 
 
@@ -75,6 +75,15 @@ def tre(points_a_mm: np.ndarray, points_b_mm: np.ndarray) -> dict:
     d = np.linalg.norm(a - b, axis=1)
     return {"per_point": d.tolist(), "mean": float(d.mean()), "median": float(np.median(d)),
             "max": float(d.max())}
+
+
+@torch.no_grad()
+def global_ncc(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Normalised cross-correlation of two whole images (1 = identical up to gain and offset); IIRP-Net's
+    IterStop similarity."""
+    a, b = a.double().flatten(), b.double().flatten()
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12))
 
 
 @torch.no_grad()

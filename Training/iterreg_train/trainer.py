@@ -59,18 +59,26 @@ class Distributed:
 
 def registration_loss(fixed, moving, displacements, loss_config: dict, fixed_labels=None, moving_labels=None,
                       step_weights=None) -> tuple[torch.Tensor, dict]:
-    """Weighted sum over the method's steps of similarity + lambda * regularizer (+ Dice with labels)."""
+    """Weighted sum over the method's steps of similarity + lambda * regularizer (+ Dice with labels).
+    ``loss_config["regularize"] = "last"`` regularizes only the final displacement, once (R2N2's Eq. 6)."""
     sim_kwargs = {"window": loss_config["window"]} if loss_config["similarity"] == "lncc" else {}
     weights = step_weights or [1.0] * len(displacements)
     if len(weights) != len(displacements):
         raise InputError(f"loss.step_weights has {len(weights)} entries for {len(displacements)} steps")
     total = 0.0
     parts = {"similarity": 0.0, "regularizer": 0.0, "steps": []}
-    for weight, u in zip(weights, displacements):
+    last_only = loss_config.get("regularize", "every") == "last"
+    if loss_config.get("regularize", "every") not in ("every", "last"):
+        raise InputError(f"loss.regularize must be 'every' or 'last', got {loss_config['regularize']!r}")
+    for t, (weight, u) in enumerate(zip(weights, displacements)):
         warped = warp(moving, u)
         sim = losses.similarity_loss(loss_config["similarity"], fixed, warped, **sim_kwargs)
-        reg = losses.regularizer_loss(loss_config["regularizer"], u)
-        step = sim + loss_config["regularization_weight"] * reg
+        step = sim
+        if not last_only or t == len(displacements) - 1:
+            reg = losses.regularizer_loss(loss_config["regularizer"], u)
+            regularization = loss_config["regularization_weight"] * reg
+            # the final field's regularizer counts once, whatever that step's similarity weight
+            step = step + (regularization / weight if last_only else regularization)
         if loss_config.get("dice_weight", 0) > 0 and fixed_labels is not None and moving_labels is not None:
             step = step + loss_config["dice_weight"] * _soft_dice_loss(fixed_labels, moving_labels, u)
         total = total + weight * step
@@ -169,7 +177,8 @@ def train(config: dict, source: PairSource, out: str | Path, resume: bool = Fals
     if ddp.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             network, device_ids=[device_t.index] if device_t.type == "cuda" else None)
-    optimizer = torch.optim.Adam(network.parameters(), lr=opt_cfg["lr"], weight_decay=opt_cfg["weight_decay"])
+    optimizer = torch.optim.Adam(network.parameters(), lr=opt_cfg["lr"], weight_decay=opt_cfg["weight_decay"],
+                                 amsgrad=bool(opt_cfg.get("amsgrad", False)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     data_rng = np.random.default_rng([t_cfg["seed"], ddp.rank])  # each rank draws its own pairs
     start, best, history = 0, -float("inf"), []

@@ -6,13 +6,16 @@ from .base import MethodOptions, Prompts, RegistrationMethod, Step
 from .classical import ClassicalMethod
 from .deqreg import DEQRegMethod
 from .identity import IdentityMethod
+from .iirp import IIRPMethod
+from .r2n2 import R2N2Method
 from .riir import RIIRMethod
 from .voxelmorph import VoxelMorphMethod
 
 __all__ = ["available_methods", "get_method", "register_method", "Step", "Prompts", "RegistrationMethod", "MethodOptions"]
 
 _METHODS: dict[str, type[RegistrationMethod]] = {m.name: m for m in (IdentityMethod, ClassicalMethod,
-                                                                     VoxelMorphMethod, RIIRMethod, DEQRegMethod)}
+                                                                     VoxelMorphMethod, RIIRMethod, DEQRegMethod,
+                                                                     IIRPMethod, R2N2Method)}
 
 
 def available_methods() -> dict[str, type[RegistrationMethod]]:

@@ -157,12 +157,14 @@ class LearnedIterativeMethod(NetworkMethod):
         return fixed, moving, grid, start
 
     def _step(self, index, fixed_w, moving_w, moving, grid, working_u, previous_u, channels, phase, final,
-              extra=None):
+              extra=None, displacement=None):
         """A Step on the image grid from the working-grid state. Its metrics are computed on the working grid,
         where the network iterates (cheap at any image size); ``update_norm`` is in image voxels (exact: the
         upsampling is linear, so the largest change sits on a working-grid node); the full-resolution warped
-        image is computed only if someone asks for it."""
-        displacement = grid.displacement_up(working_u)
+        image is computed only if someone asks for it. ``displacement`` on the image grid may be given when the
+        method has it exactly (R2N2's Gaussians); otherwise it is the upsampled working field."""
+        if displacement is None:
+            displacement = grid.displacement_up(working_u)
         metrics = standard_step_metrics(fixed_w, warp(moving_w, working_u), working_u, None, self.similarity,
                                         self.similarity_kwargs)
         change = working_u if previous_u is None else working_u - previous_u

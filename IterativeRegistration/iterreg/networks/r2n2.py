@@ -1,0 +1,252 @@
+"""R2N2, the recurrent registration neural network (Sandkühler et al., 2019), in 2D as in the paper and in 3D.
+
+Registration is a sequence of local deformations (paper Eq. 7-9):
+    f_0 = 0,   f_t = f_{t-1} + v_t * exp(-1/2 (x - c_t)^T Sigma_t^{-1} (x - c_t)),   Sigma_t = R_t diag(sigma_t^2) R_t^T,
+with the position c_t, shape (widths sigma_t, rotation R_t) and weight v_t of step t predicted by a recurrent
+network from [F, M o f_{t-1}, coordinates]: a 7x7 stride-2 stem, three gated recurrent registration units
+(GR2U: a stack of residual blocks, a convolutional GRU with a skip connection, a position network and a
+stride-2 convolution) at 1/2, 1/4 and 1/8 resolution, and a parameter network.
+- Position network (Eq. 14-17): per GR2U a spatial soft-argmax gives a position, and a second soft-max its
+  confidence w = 2 - sum |p_l - p_r|; the position is the confidence-weighted mean over the three levels.
+- Parameter network (Eq. 18): convolution, half the maps gated by a spatial soft-max of the other half,
+  pooled to 1x1, a hidden layer, then sigma = sigmoid * sigma_max, v = tanh, rotation = sigmoid * pi.
+Coordinates are normalised to [-1, 1] per array axis (corner voxel centres, like grid_sample with
+align_corners=True), so sigma_max and v are fractions of the half-extent of the image, as in the paper; the
+parameters describe the transform independently of the grid it is evaluated on (``gaussian_displacement``).
+
+3D (beyond the paper): three widths, a rotation from three angles (sigmoid * pi each; R = R_0(a) R_1(b) R_2(c)
+about the array axes), a 3-vector weight. Choices where the paper is silent are in Docs/methods.md.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..spatial import warp
+from .config import DictConfig
+from .unet import ConvGRU
+
+__all__ = ["R2N2Config", "R2N2Network", "R2N2State", "gaussian_displacement", "normalised_grid"]
+
+
+@dataclass(frozen=True)
+class R2N2Config(DictConfig):
+    ndim: int = 2
+    channels: tuple = (16, 32, 32, 64)  # stem, then GR2U 1..3 (the public code's default is 32-64-128-256)
+    residual_blocks: int = 3  # per GR2U (paper: three)
+    parameter_hidden: int = 128  # hidden layer of the parameter network
+    activation: str = "tanh"  # the paper's default activation; "leaky_relu" as in the public code
+    sigma_max: float = 0.3  # widths are at most this fraction of the half-extent (paper: 0.3)
+    steps: int = 25  # T in training (paper: 25)
+    coordinates: bool = True  # coordinate channels (CoordConv), as in the paper
+    working_scale: float = 1.0  # the network's grid relative to the image grid (methods/learned.py)
+
+    def __post_init__(self):
+        if len(self.channels) != 4:
+            raise ValueError("channels needs 4 entries: the stem and three GR2Us")
+        if self.activation not in ("tanh", "leaky_relu"):
+            raise ValueError(f"activation must be tanh or leaky_relu, got '{self.activation}'")
+        if not 0 < self.sigma_max <= 2 or self.steps < 1 or not 0 < self.working_scale <= 1:
+            raise ValueError("sigma_max must be in (0, 2], steps >= 1, working_scale in (0, 1]")
+
+    @property
+    def parameter_count(self) -> int:
+        """Numbers describing one local deformation: position, widths, rotation angle(s), weight."""
+        return 3 * self.ndim + (1 if self.ndim == 2 else 3)
+
+    def step_weights(self, count: int) -> list[float]:
+        return [1.0 / count] * count  # paper Eq. 6: the mean over steps
+
+
+def normalised_grid(shape: Sequence[int], device=None, dtype=torch.float32) -> torch.Tensor:
+    """``[1, ndim, *shape]`` coordinates in [-1, 1] per array axis (corner voxel centres at -1 and 1)."""
+    axes = [torch.linspace(-1.0, 1.0, n, device=device, dtype=dtype) if n > 1 else
+            torch.zeros(1, device=device, dtype=dtype) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).unsqueeze(0)
+
+
+def rotation_matrix(angles: torch.Tensor, ndim: int) -> torch.Tensor:
+    """``[B, ndim, ndim]`` rotation from ``[B, 1]`` (2D) or ``[B, 3]`` (3D: about array axes 0, 1, 2) angles."""
+    if ndim == 2:
+        c, s = torch.cos(angles[:, 0]), torch.sin(angles[:, 0])
+        return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+    matrices = []
+    for k in range(3):
+        c, s = torch.cos(angles[:, k]), torch.sin(angles[:, k])
+        one, zero = torch.ones_like(c), torch.zeros_like(c)
+        i, j = [a for a in range(3) if a != k]
+        rows = [[None] * 3 for _ in range(3)]
+        rows[k][k], rows[k][i], rows[k][j], rows[i][k], rows[j][k] = one, zero, zero, zero, zero
+        rows[i][i], rows[i][j], rows[j][i], rows[j][j] = c, -s, s, c
+        matrices.append(torch.stack([torch.stack(r, -1) for r in rows], -2))
+    return matrices[0] @ matrices[1] @ matrices[2]
+
+
+@dataclass
+class LocalDeformation:
+    """One step's Gaussian, in normalised coordinates (array-axis order), batch first."""
+    center: torch.Tensor  # [B, ndim] in [-1, 1]
+    sigma: torch.Tensor  # [B, ndim] widths (standard deviations along the rotated axes)
+    angles: torch.Tensor  # [B, 1] (2D) or [B, 3] (3D), radians
+    weight: torch.Tensor  # [B, ndim] in [-1, 1], displacement at the centre in normalised units
+
+
+def gaussian_displacement(g: LocalDeformation, shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The local deformation on a grid of ``shape``: (displacement in voxels ``[B, ndim, *shape]``,
+    Gaussian profile ``[B, 1, *shape]``)."""
+    nd = len(shape)
+    grid = normalised_grid(shape, g.center.device, g.center.dtype)  # [1, nd, *shape]
+    offset = grid - g.center.reshape(*g.center.shape, *([1] * nd))  # [B, nd, *shape]
+    rotation = rotation_matrix(g.angles, nd)  # [B, nd, nd]
+    local = torch.einsum("bji,bj...->bi...", rotation, offset)  # R^T d: coordinates along the Gaussian's axes
+    profile = torch.exp(-0.5 * ((local / g.sigma.reshape(*g.sigma.shape, *([1] * nd))) ** 2).sum(1, keepdim=True))
+    half_extent = torch.tensor([(n - 1) / 2 for n in shape], device=g.weight.device, dtype=g.weight.dtype)
+    displacement = profile * (g.weight * half_extent).reshape(*g.weight.shape, *([1] * nd))
+    return displacement, profile
+
+
+def _conv(ndim, cin, cout, kernel=3, stride=1):
+    return (nn.Conv2d if ndim == 2 else nn.Conv3d)(cin, cout, kernel, stride=stride, padding=kernel // 2)
+
+
+def _activation(name):
+    return nn.Tanh() if name == "tanh" else nn.LeakyReLU(0.01)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, ndim, channels, activation):
+        super().__init__()
+        self.body = nn.Sequential(_conv(ndim, channels, channels), _activation(activation),
+                                  _conv(ndim, channels, channels))
+        self.act = _activation(activation)
+
+    def forward(self, x):
+        return self.act(x + self.body(x))
+
+
+def spatial_softmax(x: torch.Tensor) -> torch.Tensor:
+    """Soft-max over all spatial positions of each channel: ``[B, C, *spatial]`` -> same shape, sums to 1."""
+    flat = x.flatten(2)
+    return torch.softmax(flat, dim=2).reshape(x.shape)
+
+
+class PositionNetwork(nn.Module):
+    """Eq. 14-17: soft-argmax position and its confidence from one resolution level."""
+
+    def __init__(self, ndim, channels):
+        super().__init__()
+        conv = nn.Conv2d if ndim == 2 else nn.Conv3d
+        # no bias: a spatial soft-max ignores a constant, so a bias would be a parameter without a gradient
+        self.position = conv(channels, 1, 1, bias=False)
+        self.trust = conv(channels, 1, 1, bias=False)
+
+    def forward(self, x, coordinates):
+        p_left = spatial_softmax(self.position(x))
+        p_right = spatial_softmax(self.trust(x))
+        position = (p_left * coordinates).flatten(2).sum(2)  # [B, ndim]
+        confidence = 2.0 - (p_left - p_right).abs().flatten(1).sum(1, keepdim=True)  # [B, 1], in [0, 2]
+        return position, confidence, p_left
+
+
+class GR2U(nn.Module):
+    """Gated recurrent registration unit: residual stack, ConvGRU with skip, position network, downsampling."""
+
+    def __init__(self, ndim, cin, cout, blocks, activation):
+        super().__init__()
+        self.residual = nn.Sequential(*[ResidualBlock(ndim, cin, activation) for _ in range(blocks)])
+        self.gru = ConvGRU(ndim, cin, cin)
+        self.act = _activation(activation)
+        self.position = PositionNetwork(ndim, cin)
+        self.down = nn.Sequential(_conv(ndim, cin, cout, stride=2), _activation(activation))
+
+    def forward(self, x, hidden, coordinates):
+        features = self.residual(x)
+        hidden = self.gru(features, hidden)
+        out = self.act(hidden + features)  # the skip connection around the C-GRU
+        position, confidence, attention = self.position(out, coordinates)
+        return self.down(out), hidden, position, confidence, attention
+
+
+class ParameterNetwork(nn.Module):
+    """Eq. 18: shape, rotation and weight of the next local deformation."""
+
+    def __init__(self, ndim, channels, hidden, activation, sigma_max):
+        super().__init__()
+        half = channels // 2
+        self.ndim, self.half, self.sigma_max = ndim, half, sigma_max
+        self.conv = _conv(ndim, channels, channels)
+        self.content = _conv(ndim, half, half)
+        self.act = _activation(activation)
+        angles = 1 if ndim == 2 else 3
+        self.fc = nn.Sequential(nn.Linear(half, hidden), _activation(activation), nn.Linear(hidden, 2 * ndim + angles))
+        nn.init.zeros_(self.fc[-1].weight)  # the first local deformations are zero: training starts at identity
+        nn.init.zeros_(self.fc[-1].bias)
+
+    def forward(self, x):
+        x = self.conv(x)
+        content = self.content(self.act(x[:, :self.half]))
+        attention = spatial_softmax(x[:, self.half:2 * self.half])
+        pooled = self.act((content * attention).flatten(2).sum(2))
+        c = self.fc(pooled)
+        nd = self.ndim
+        sigma = torch.sigmoid(c[:, :nd]) * self.sigma_max + 1e-4
+        weight = torch.tanh(c[:, nd:2 * nd])
+        angles = torch.sigmoid(c[:, 2 * nd:]) * math.pi
+        return sigma, weight, angles
+
+
+@dataclass
+class R2N2State:
+    """One step on the network's grid."""
+    displacement: torch.Tensor  # f_t, voxels of the working grid, [B, ndim, *working]
+    local: torch.Tensor  # this step's local deformation (voxels)
+    profile: torch.Tensor  # its Gaussian profile [B, 1, *working]
+    gaussian: LocalDeformation
+    confidences: torch.Tensor  # [B, 3]: the position network's confidence per level
+
+
+class R2N2Network(nn.Module):
+    def __init__(self, config: R2N2Config):
+        super().__init__()
+        self.config = config
+        nd, ch = config.ndim, config.channels
+        cin = 2 + (nd if config.coordinates else 0)
+        self.stem = nn.Sequential(_conv(nd, cin, ch[0], kernel=7, stride=2), _activation(config.activation))
+        self.units = nn.ModuleList(GR2U(nd, ch[k], ch[k + 1], config.residual_blocks, config.activation)
+                                   for k in range(3))
+        self.parameters_net = ParameterNetwork(nd, ch[3], config.parameter_hidden, config.activation,
+                                               config.sigma_max)
+
+    def iterate(self, fixed: torch.Tensor, moving: torch.Tensor, steps: int,
+                init: torch.Tensor | None = None) -> Iterator[R2N2State]:
+        """Run ``steps`` steps on images on the working grid, yielding each as it is done."""
+        shape = fixed.shape[2:]
+        nd = self.config.ndim
+        grid = normalised_grid(shape, fixed.device, fixed.dtype).expand(fixed.shape[0], -1, *shape)
+        u = fixed.new_zeros((fixed.shape[0], nd, *shape)) if init is None else init
+        hidden = [None, None, None]
+        for _ in range(steps):
+            x = torch.cat([fixed, warp(moving, u)] + ([grid] if self.config.coordinates else []), dim=1)
+            x = self.stem(x)
+            positions, confidences = [], []
+            for k, unit in enumerate(self.units):
+                stride = 2 ** (k + 1)  # a stride-2 conv keeps pixel 2j of its input: level k+1 sees every 2^(k+1)th
+                coordinates = grid[(slice(None), slice(None), *[slice(None, None, stride)] * nd)]
+                x, hidden[k], position, confidence, _ = unit(x, hidden[k], coordinates)
+                positions.append(position)
+                confidences.append(confidence)
+            weights = torch.cat(confidences, 1)  # [B, 3]
+            center = (torch.stack(positions, 1) * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1e-6)
+            sigma, weight, angles = self.parameters_net(x)
+            gaussian = LocalDeformation(center, sigma, angles, weight)
+            local, profile = gaussian_displacement(gaussian, shape)
+            u = u + local
+            yield R2N2State(u, local, profile, gaussian, weights)
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor, steps: int | None = None) -> list[torch.Tensor]:
+        """Training: every step's displacement on the working grid (the caller upsamples)."""
+        return [state.displacement for state in self.iterate(fixed, moving, steps or self.config.steps)]

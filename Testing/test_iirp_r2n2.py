@@ -1,0 +1,250 @@
+"""IIRP-Net and R2N2: the iterative pyramid and the sequence of local Gaussian deformations (issue 7).
+
+Specification: RP-Net gives one displacement on the input grid in 2D and 3D and trains end to end; IIRP's
+IterStop keeps the first pass at every level, keeps further passes while they gain at least delta, and on the
+first pass that does not it stops the level with the previous flow; with one pass per level IIRP is RP-Net.
+R2N2 adds exactly one rotated Gaussian per step, with its parameters in the paper's ranges, evaluated exactly
+on the image grid; single-slice volumes register in 2D. Both stream their steps through the real worker.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from iterreg.errors import InputError
+from iterreg.methods import get_method
+from iterreg.networks.iirp import IIRPConfig, RPNet, iterative_inference
+from iterreg.networks.r2n2 import (LocalDeformation, R2N2Config, R2N2Network, gaussian_displacement,
+                                   rotation_matrix)
+from iterreg.spatial import warp
+
+from test_riir_deqreg import SHAPES, checkpoint, pair
+
+
+# --- IIRP-Net -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_rpnet_predicts_one_displacement_on_the_input_grid_and_trains_every_parameter(ndim):
+    fixed, moving = pair(ndim)
+    torch.manual_seed(0)
+    network = RPNet(IIRPConfig(ndim=ndim))
+    for estimator in network.estimators:  # trained-like heads, so every level's flow matters
+        torch.nn.init.normal_(estimator.head.weight, std=1e-2)
+    (u,) = get_method("iirp").predict(network, fixed, moving)
+    assert u.shape == (1, ndim, *SHAPES[ndim])
+    ((warp(moving, u) - fixed) ** 2).mean().backward()
+    missing = [name for name, p in network.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_the_rpnet_architecture_follows_the_paper():
+    network = RPNet(IIRPConfig(ndim=3))
+    widths = [block[0].out_channels for block in network.extractor.blocks]
+    assert widths == [8, 16, 32, 32]
+    assert [e.body[0].out_channels for e in network.estimators] == [16, 32, 32, 32]  # q, 16 at the finest
+    assert all(sum(type(m).__name__ == "ResBlock" for m in e.body) == 2 for e in network.estimators)
+
+
+class ScriptedJudge:
+    """IterStop's similarity, scripted: returns the given scores in order (the first scores the identity)."""
+
+    def __init__(self, scores):
+        self.scores = list(scores)
+        self.calls = 0
+
+    def __call__(self, u):
+        self.calls += 1
+        return self.scores.pop(0)
+
+
+def test_iterstop_keeps_passes_while_they_gain_delta_and_reverts_the_first_that_does_not():
+    fixed, moving = pair(2)
+    torch.manual_seed(0)
+    network = RPNet(IIRPConfig(ndim=2))
+    for estimator in network.estimators:
+        torch.nn.init.normal_(estimator.head.weight, std=1e-2)
+    # level 4: +0.10 (first pass, kept), +0.02 (kept), +0.001 (< delta: reverted, level stops)
+    # level 3: -0.05 (first pass: kept even so), +0.004 (reverted); level 2: 1 pass kept then +0.0; level 1: max 3
+    judge = ScriptedJudge([0.0, 0.10, 0.12, 0.121, 0.07, 0.074, 0.08, 0.08, 0.09, 0.10, 0.20])
+    with torch.no_grad():
+        states = list(iterative_inference(network, fixed, moving, judge, max_iterations=[3, 5, 5, 5], delta=0.005))
+    assert [(s.level, s.iteration, s.accepted) for s in states] == [
+        (4, 1, True), (4, 2, True), (4, 3, False), (3, 1, True), (3, 2, False), (2, 1, True), (2, 2, False),
+        (1, 1, True), (1, 2, True), (1, 3, True)]
+    assert judge.calls == 11 and not judge.scores
+    torch.testing.assert_close(states[2].displacement, states[1].displacement, rtol=0, atol=0)  # reverted
+    assert states[2].final_at_level and not states[1].final_at_level
+    assert states[2].gain == pytest.approx(0.001) and states[2].similarity == pytest.approx(0.12)
+    assert states[-1].final_at_level  # level 1 stopped at its maximum, 3 passes
+
+
+def test_without_iterstop_each_level_runs_exactly_its_passes():
+    fixed, moving = pair(2)
+    network = RPNet(IIRPConfig(ndim=2))
+    with torch.no_grad():
+        states = list(iterative_inference(network, fixed, moving, lambda u: -float(u.abs().mean()),
+                                          max_iterations=[1, 2, 3, 1], delta=None))
+    counts = {level: sum(s.level == level for s in states) for level in (4, 3, 2, 1)}
+    assert counts == {4: 1, 3: 3, 2: 2, 1: 1} and all(s.accepted for s in states)
+
+
+def test_iirp_with_one_pass_per_level_is_rpnet(tmp_path):
+    path = checkpoint(tmp_path, "iirp", 3)
+    method = get_method("iirp").create(path, options={"level_iterations": [1, 1, 1, 1]})
+    fixed, moving = pair(3)
+    for estimator in method.network.estimators:
+        torch.nn.init.normal_(estimator.head.weight, std=1e-2)
+    steps = list(method.run(fixed, moving))
+    assert len(steps) == 4 and steps[-1].final
+    with torch.no_grad():
+        (expected,) = get_method("iirp").predict(method.network, fixed, moving)
+    torch.testing.assert_close(steps[-1].displacement, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_an_iirp_run_streams_level_iteration_gain_and_its_channels(tmp_path):
+    method = get_method("iirp").create(checkpoint(tmp_path, "iirp", 2), options={"max_iterations": 3})
+    fixed, moving = pair(2)
+    steps = list(method.run(fixed, moving, steps=12))
+    levels = [s.metrics["level"] for s in steps]
+    assert levels == sorted(levels, reverse=True) and levels[0] == 4 and levels[-1] == 1
+    assert steps[-1].final and not any(s.final for s in steps[:-1])
+    assert all({"iteration", "gain", "iterstop_ncc", "accepted", "folding_percent", "similarity"} <= set(s.metrics)
+               for s in steps)
+    first = steps[0]
+    assert first.channels["residual_flow"].shape[0] == 2 and first.channels["warped_features"].shape[0] == 32
+    assert "level 4 (1/4), iteration 1" in first.phase
+
+
+def test_the_step_budget_leaves_one_pass_for_every_finer_level(tmp_path):
+    method = get_method("iirp").create(checkpoint(tmp_path, "iirp", 2), options={"delta": -1.0})  # never stops
+    steps = list(method.run(*pair(2), steps=6))
+    assert [int(s.metrics["level"]) for s in steps] == [4, 4, 4, 3, 2, 1]
+
+
+def test_iirp_rejects_bad_options_and_too_few_steps(tmp_path):
+    path = checkpoint(tmp_path, "iirp", 2)
+    with pytest.raises(InputError, match="at least 4 steps"):
+        next(get_method("iirp").create(path).run(*pair(2), steps=3))
+    with pytest.raises(InputError, match="level_iterations must be 4 counts"):
+        get_method("iirp").create(path, options={"level_iterations": [1, 2]})
+    with pytest.raises(InputError, match="need 8 steps"):
+        next(get_method("iirp").create(path, options={"level_iterations": [2, 2, 2, 2]}).run(*pair(2), steps=5))
+    with pytest.raises(InputError, match="cannot continue"):
+        next(get_method("iirp").create(path).run(*pair(2), init=torch.zeros(1, 2, *SHAPES[2])))
+
+
+# --- R2N2 ---------------------------------------------------------------------------------------------------
+def test_a_local_deformation_is_a_rotated_gaussian_with_its_weight_at_its_centre():
+    shape = (41, 61)
+    g = LocalDeformation(center=torch.tensor([[0.0, 0.5]]), sigma=torch.tensor([[0.3, 0.1]]),
+                         angles=torch.tensor([[0.0]]), weight=torch.tensor([[0.5, -0.25]]))
+    u, profile = gaussian_displacement(g, shape)
+    peak = np.unravel_index(int(profile.argmax()), shape)
+    assert peak == (20, 45)  # normalised (0, 0.5) on a 41 x 61 grid
+    torch.testing.assert_close(u[0, :, 20, 45], torch.tensor([0.5 * 20, -0.25 * 30]))
+    # wider along axis 0 than axis 1; turning it by 90 degrees swaps that
+    along0, along1 = float(profile[0, 0, 26, 45]), float(profile[0, 0, 20, 51])
+    assert along0 > along1
+    turned = LocalDeformation(g.center, g.sigma, torch.tensor([[math.pi / 2]]), g.weight)
+    _, profile_turned = gaussian_displacement(turned, shape)
+    assert float(profile_turned[0, 0, 26, 45]) < float(profile_turned[0, 0, 20, 51])
+
+
+def test_3d_rotations_are_proper_rotations():
+    angles = torch.rand(5, 3) * math.pi
+    r = rotation_matrix(angles, 3)
+    torch.testing.assert_close(r @ r.transpose(1, 2), torch.eye(3).expand(5, 3, 3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.linalg.det(r), torch.ones(5), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_r2n2_parameters_stay_in_the_papers_ranges_and_each_step_adds_one_gaussian(ndim):
+    fixed, moving = pair(ndim)
+    torch.manual_seed(0)
+    config = R2N2Config(ndim=ndim, channels=(8, 8, 8, 16))
+    network = R2N2Network(config)
+    torch.nn.init.normal_(network.parameters_net.fc[-1].weight, std=3.0)  # push the outputs to their limits
+    with torch.no_grad():
+        states = list(network.iterate(fixed, moving, 4))
+    previous = torch.zeros_like(states[0].displacement)
+    for s in states:
+        g = s.gaussian
+        assert g.sigma.shape == (1, ndim) and (g.sigma > 0).all() and (g.sigma <= config.sigma_max + 1e-3).all()
+        assert (g.weight.abs() <= 1).all() and (g.center.abs() <= 1).all()
+        assert g.angles.shape == (1, 1 if ndim == 2 else 3) and (g.angles >= 0).all() and (g.angles <= math.pi).all()
+        assert ((s.confidences >= 0) & (s.confidences <= 2)).all()
+        torch.testing.assert_close(s.displacement - previous, s.local)
+        previous = s.displacement
+    assert config.parameter_count == (7 if ndim == 2 else 12)
+
+
+def test_r2n2_starts_at_the_identity_and_then_trains_every_parameter():
+    fixed, moving = pair(2)
+    torch.manual_seed(0)
+    network = R2N2Network(R2N2Config(ndim=2, channels=(8, 8, 8, 16), steps=3))
+    assert all(float(u.abs().max()) == 0 for u in network(fixed, moving))  # zero-initialised last layer
+    torch.nn.init.normal_(network.parameters_net.fc[-1].weight, std=0.1)
+    displacements = get_method("r2n2").predict(network, fixed, moving)
+    assert len(displacements) == 3
+    sum(((warp(moving, u) - fixed) ** 2).mean() for u in displacements).backward()
+    missing = [name for name, p in network.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def r2n2_checkpoint(tmp_path, ndim):
+    path = checkpoint(tmp_path, "r2n2", ndim, channels=[8, 8, 8, 16])
+    method = get_method("r2n2").create(path)
+    torch.manual_seed(1)
+    torch.nn.init.normal_(method.network.parameters_net.fc[-1].weight, std=0.5)
+    return method
+
+
+def test_an_r2n2_run_reports_each_gaussian_and_its_field_is_exact_on_the_image_grid(tmp_path):
+    method = r2n2_checkpoint(tmp_path, 2)
+    fixed, moving = pair(2)
+    steps = list(method.run(fixed, moving, steps=5))
+    assert len(steps) == 5 and steps[-1].final
+    keys = {"center_0", "center_1", "sigma_0", "sigma_1", "rotation", "weight_0", "weight_1", "confidence",
+            "similarity", "folding_percent"}
+    assert all(keys <= set(s.metrics) for s in steps)
+    total = torch.zeros_like(steps[0].displacement)
+    for s in steps:
+        total += s.channels["local_deformation"][None]
+        assert s.channels["gaussian"].shape == (1, *SHAPES[2]) and float(s.channels["gaussian"].max()) <= 1
+        center = [s.metrics["center_0"], s.metrics["center_1"]]
+        assert all(0 <= c <= n - 1 for c, n in zip(center, SHAPES[2]))
+    torch.testing.assert_close(steps[-1].displacement, total, atol=1e-5, rtol=0)
+
+
+def test_a_single_slice_volume_registers_with_a_2d_checkpoint(tmp_path):
+    method = r2n2_checkpoint(tmp_path, 2)
+    fixed, moving = pair(2)
+    steps = list(method.run(fixed[:, :, None], moving[:, :, None], steps=3))
+    u = steps[-1].displacement
+    assert u.shape == (1, 3, 1, *SHAPES[2]) and float(u[:, 0].abs().max()) == 0
+    expected = list(method.run(fixed, moving, steps=3))[-1].displacement
+    torch.testing.assert_close(u[:, 1:, 0], expected)
+    assert steps[-1].warped.shape == (1, 1, 1, *SHAPES[2])
+
+
+# --- both, through the real worker --------------------------------------------------------------------------
+@pytest.mark.parametrize("method, channels", [("iirp", {"residual_flow", "warped_features"}),
+                                              ("r2n2", {"local_deformation", "gaussian"})])
+def test_a_checkpoint_round_trips_through_the_real_worker_which_streams_every_step(
+        tmp_path, sample_pair, leak_check, method, channels):
+    from test_worker import request_from, run_client
+    from iterreg.imaging import prepare_pair
+    architecture = {"channels": [8, 8, 8, 16]} if method == "r2n2" else {}
+    path = checkpoint(tmp_path, method, 3, **architecture)
+    request = request_from(sample_pair, method, checkpoint=path, steps=5, threads=2,
+                           channels={name: "all" for name in channels}, options={"working_size": 32})
+    client, steps = run_client(request, leak_check)
+    assert client.state == "completed", client.failure
+    assert [s.index for s in steps] == list(range(len(steps))) and 4 <= len(steps) <= 5
+    assert set(steps[0].channels) == channels
+    prepared = prepare_pair(sample_pair.fixed, sample_pair.moving)
+    expected = list(get_method(method).create(path, options={"working_size": 32}).run(
+        prepared.fixed, prepared.moving, steps=5))
+    np.testing.assert_allclose(client.result.displacement, expected[-1].displacement[0].numpy(), atol=1e-4)

@@ -414,7 +414,8 @@ def test_r2n2_regularizes_only_the_final_field_once_as_in_its_paper():
                                 step_weights=[0.5, 0.5])
     similarity_only, _ = registration_loss(fixed, moving, [rough, zero], {**config, "regularization_weight": 0.0},
                                            step_weights=[0.5, 0.5])
-    assert float(last) == pytest.approx(float(similarity_only))  # the rough field was not the last one
+    assert float(last) == pytest.approx(float(similarity_only), abs=1e-3)  # the rough field was not the last one
+    # (abs: the TV of a zero field is sqrt(eps) per channel, not 0)
     assert float(every) > float(last)
     final_rough, _ = registration_loss(fixed, moving, [zero, rough], {**config, "regularize": "last"},
                                        step_weights=[0.5, 0.5])

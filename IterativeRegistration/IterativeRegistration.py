@@ -50,8 +50,8 @@ class IterativeRegistrationLogic(ScriptedLoadableModuleLogic):
 
     PARAMETERS = {  # name -> default (strings: the parameter node stores text)
         "Method": "classical", "Steps": "", "Device": "auto", "Checkpoint": "", "Similarity": "lncc",
-        "RegularizationWeight": "1.0", "Tolerance": "0.0001", "ChannelVolumes": "true", "Jacobian": "true",
-        "KeepPrevious": "true", "UsePrompts": "false", "Overlay": "moving image",
+        "RegularizationWeight": "1.0", "Tolerance": "0.0001", "ChannelVolumes": "true", "Jacobian": "true", "Centres": "true",
+        "KeepPrevious": "true", "UsePrompts": "false", "Overlay": "moving image", "Series": "false", "FixedFrame": "0",
     }
     REFERENCES = ("FixedVolume", "MovingVolume", "FixedLandmarks", "MovingLandmarks")
 
@@ -80,9 +80,9 @@ class IterativeRegistrationLogic(ScriptedLoadableModuleLogic):
         raise ValueError(f"unknown method '{name}'")
 
     @staticmethod
-    def input_problem(fixed, moving, fixed_landmarks=None, moving_landmarks=None):
+    def input_problem(fixed, moving, fixed_landmarks=None, moving_landmarks=None, series=False):
         from iterreg_slicer.scene_registration import SceneRegistration
-        return SceneRegistration.input_problem(fixed, moving, fixed_landmarks, moving_landmarks)
+        return SceneRegistration.input_problem(fixed, moving, fixed_landmarks, moving_landmarks, series)
 
     def settings_from_parameters(self, parameterNode):
         from iterreg_slicer.scene_registration import RunSettings
@@ -95,9 +95,13 @@ class IterativeRegistrationLogic(ScriptedLoadableModuleLogic):
                                      ("tolerance", "Tolerance", float)):
             if key in option_names and p(parameter):
                 options[key] = cast(p(parameter))
+        if "frame_axis" in option_names and p("Series") == "true":
+            # a 2D+t series loads as a volume whose slices (array axis 0, K) are the time frames
+            options["frame_axis"], options["fixed_frame"] = 0, int(p("FixedFrame") or 0)
         return RunSettings(method=method, steps=int(p("Steps")) if p("Steps") else None,
                            checkpoint=p("Checkpoint") or None, device=p("Device") or "auto", options=options,
                            channel_volumes=p("ChannelVolumes") == "true", jacobian=p("Jacobian") == "true",
+                           mark_centres=p("Centres") != "false",
                            keep_previous=p("KeepPrevious") == "true", use_landmarks_as_prompts=p("UsePrompts") == "true")
 
     def start(self, fixed, moving, settings, fixed_landmarks=None, moving_landmarks=None, on_step=None,
@@ -155,10 +159,11 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             combo.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
         self.ui.methodComboBox.currentIndexChanged.connect(self.onMethodChanged)
         self.ui.overlayComboBox.currentIndexChanged.connect(self.onOverlayChanged)
-        for spin in (self.ui.stepsSpinBox, self.ui.regularizationSpinBox, self.ui.toleranceSpinBox):
+        for spin in (self.ui.stepsSpinBox, self.ui.regularizationSpinBox, self.ui.toleranceSpinBox,
+                     self.ui.fixedFrameSpinBox):
             spin.valueChanged.connect(self.updateParameterNodeFromGUI)
-        for box in (self.ui.channelVolumesCheckBox, self.ui.jacobianCheckBox, self.ui.keepPreviousCheckBox,
-                    self.ui.promptCheckBox):
+        for box in (self.ui.channelVolumesCheckBox, self.ui.jacobianCheckBox, self.ui.centresCheckBox,
+                    self.ui.keepPreviousCheckBox, self.ui.promptCheckBox, self.ui.seriesCheckBox):
             box.toggled.connect(self.updateParameterNodeFromGUI)
         self.ui.runButton.clicked.connect(self.onRun)
         self.ui.cancelButton.clicked.connect(self.onCancel)
@@ -237,6 +242,9 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             self.ui.toleranceSpinBox.value = float(p.GetParameter("Tolerance"))
             self.ui.channelVolumesCheckBox.checked = p.GetParameter("ChannelVolumes") == "true"
             self.ui.jacobianCheckBox.checked = p.GetParameter("Jacobian") == "true"
+            self.ui.centresCheckBox.checked = p.GetParameter("Centres") != "false"
+            self.ui.seriesCheckBox.checked = p.GetParameter("Series") == "true"
+            self.ui.fixedFrameSpinBox.value = int(p.GetParameter("FixedFrame") or 0)
             self.ui.keepPreviousCheckBox.checked = p.GetParameter("KeepPrevious") == "true"
             self.ui.promptCheckBox.checked = p.GetParameter("UsePrompts") == "true"
         finally:
@@ -261,6 +269,9 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         p.SetParameter("Tolerance", str(self.ui.toleranceSpinBox.value))
         p.SetParameter("ChannelVolumes", "true" if self.ui.channelVolumesCheckBox.checked else "false")
         p.SetParameter("Jacobian", "true" if self.ui.jacobianCheckBox.checked else "false")
+        p.SetParameter("Centres", "true" if self.ui.centresCheckBox.checked else "false")
+        p.SetParameter("Series", "true" if self.ui.seriesCheckBox.checked else "false")
+        p.SetParameter("FixedFrame", str(self.ui.fixedFrameSpinBox.value))
         p.SetParameter("KeepPrevious", "true" if self.ui.keepPreviousCheckBox.checked else "false")
         p.SetParameter("UsePrompts", "true" if self.ui.promptCheckBox.checked else "false")
         p.EndModify(wasModified)
@@ -286,6 +297,7 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self.ui.similarityComboBox.enabled = "similarity" in options
         self.ui.regularizationSpinBox.enabled = "regularization_weight" in options
         self.ui.toleranceSpinBox.enabled = "tolerance" in options
+        self.ui.seriesCheckBox.enabled = self.ui.fixedFrameSpinBox.enabled = "frame_axis" in options
         for key, widget in (("regularization_weight", self.ui.regularizationSpinBox),
                             ("tolerance", self.ui.toleranceSpinBox)):
             if key in options:
@@ -296,7 +308,8 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         running = self.run is not None and self.run.running
         problem = self.logic.input_problem(self.ui.fixedSelector.currentNode(), self.ui.movingSelector.currentNode(),
                                            self.ui.fixedLandmarksSelector.currentNode(),
-                                           self.ui.movingLandmarksSelector.currentNode())
+                                           self.ui.movingLandmarksSelector.currentNode(),
+                                           series=self.ui.seriesCheckBox.checked and self.ui.seriesCheckBox.enabled)
         name = _currentData(self.ui.methodComboBox)
         if problem is None and not name:
             problem = _("No registration method is available; see the status below.")

@@ -227,6 +227,7 @@ def test_a_single_slice_volume_registers_with_a_2d_checkpoint(tmp_path):
     expected = list(method.run(fixed, moving, steps=3))[-1].displacement
     torch.testing.assert_close(u[:, 1:, 0], expected)
     assert steps[-1].warped.shape == (1, 1, 1, *SHAPES[2])
+    assert steps[-1].metrics["center_0"] == 0 and "center_2" in steps[-1].metrics  # renumbered to the volume axes
 
 
 # --- both, through the real worker --------------------------------------------------------------------------
@@ -248,3 +249,84 @@ def test_a_checkpoint_round_trips_through_the_real_worker_which_streams_every_st
     expected = list(get_method(method).create(path, options={"working_size": 32}).run(
         prepared.fixed, prepared.moving, steps=5))
     np.testing.assert_allclose(client.result.displacement, expected[-1].displacement[0].numpy(), atol=1e-4)
+
+
+def test_the_slicer_module_marks_each_gaussian_centre_as_a_point_in_the_fixed_volume(tmp_path, sample_pair):
+    import slicer_harness
+    from iterreg.geometry import Geometry
+    from iterreg_slicer.scene_registration import RunSettings, SceneRegistration
+    scene = slicer_harness.new_scene()
+    fixed = slicer_harness.add_volume(scene, "fixed", sample_pair.fixed)
+    moving = slicer_harness.add_volume(scene, "moving", sample_pair.moving)
+    path = checkpoint(tmp_path, "r2n2", 3, channels=[8, 8, 8, 16])
+    run = SceneRegistration(scene, fixed, moving, RunSettings(method="r2n2", steps=4, checkpoint=path,
+                                                              options={"working_size": 32}))
+    run.start().wait(timeout=120)
+    assert run.state == "completed", run.message
+    centres = run.nodes["centres"]
+    assert centres.GetNumberOfControlPoints() == 4
+    assert [centres.GetNthControlPointLabel(i) for i in range(4)] == ["1", "2", "3", "4"]
+    last = run.client.history[-1]
+    geometry = Geometry.of(sample_pair.fixed)
+    expected = geometry.array_index_to_ras(np.array([[last[f"center_{k}"] for k in range(3)]]))[0]
+    np.testing.assert_allclose(centres.GetNthControlPointPositionWorld(3), expected, atol=1e-3)
+    assert run.channel_name == "local_deformation"
+
+
+def test_the_slicer_module_runs_iirp_and_plots_its_gain(tmp_path, sample_pair):
+    import slicer_harness
+    from iterreg_slicer.scene_registration import RunSettings, SceneRegistration
+    scene = slicer_harness.new_scene()
+    fixed = slicer_harness.add_volume(scene, "fixed", sample_pair.fixed)
+    moving = slicer_harness.add_volume(scene, "moving", sample_pair.moving)
+    run = SceneRegistration(scene, fixed, moving, RunSettings(method="iirp", steps=8,
+                                                              checkpoint=checkpoint(tmp_path, "iirp", 3),
+                                                              options={"working_size": 32}))
+    run.start().wait(timeout=120)
+    assert run.state == "completed", run.message
+    assert "centres" not in run.nodes  # only methods with local deformations get points
+    assert run.nodes["browser"].GetNumberOfItems() == run.steps_done >= 4
+    assert run.channel_name == "residual_flow"
+    table = run.nodes["table"].GetTable()
+    columns = {table.GetColumnName(c) for c in range(table.GetNumberOfColumns())}
+    assert {"gain", "level", "iterstop_ncc"} <= columns
+
+
+def test_a_2d_plus_t_series_registers_frame_by_frame_to_the_chosen_frame(tmp_path):
+    method = r2n2_checkpoint(tmp_path, 2)
+    method = get_method("r2n2")(method.network, method.metadata,
+                                get_method("r2n2").Options.from_dict({"frame_axis": 1, "fixed_frame": 2}))
+    frames = [pair(2, seed)[s] for seed, s in ((0, 0), (1, 1), (2, 0), (3, 1))]  # alternating shifted frames
+    series = torch.stack([f[0, 0] for f in frames], dim=0)[None, None].movedim(2, 3)  # frames along axis 1
+    assert series.shape == (1, 1, SHAPES[2][0], 4, SHAPES[2][1])
+    steps = list(method.run(series, series, steps=3))
+    u = steps[-1].displacement
+    assert u.shape == (1, 3, SHAPES[2][0], 4, SHAPES[2][1]) and float(u[:, 1].abs().max()) == 0
+    for index in (0, 3):  # each frame alone, registered to frame 2, gives that frame's field
+        alone = list(method.__class__(method.network, method.metadata).run(
+            frames[2], frames[index], steps=3))[-1].displacement
+        torch.testing.assert_close(u[0, [0, 2], :, index], alone[0], atol=1e-4, rtol=0)
+    assert steps[0].channels["gaussian"].shape == (1, *series.shape[2:])
+    with pytest.raises(InputError, match="fixed_frame 7 does not exist"):
+        get_method("r2n2")(method.network, method.metadata,
+                           get_method("r2n2").Options.from_dict({"frame_axis": 1, "fixed_frame": 7})).check_inputs(
+            series, series, 3)
+
+
+def test_the_slicer_module_registers_single_slice_volumes_with_a_2d_checkpoint(tmp_path, sample_pair):
+    import SimpleITK as sitk
+    import slicer_harness
+    from iterreg_slicer.scene_registration import RunSettings, SceneRegistration
+    scene = slicer_harness.new_scene()
+    one_slice = lambda image: image[:, :, image.GetSize()[2] // 2:image.GetSize()[2] // 2 + 1]  # noqa: E731
+    fixed = slicer_harness.add_volume(scene, "fixed slice", one_slice(sample_pair.fixed))
+    moving = slicer_harness.add_volume(scene, "moving slice", one_slice(sample_pair.moving))
+    assert SceneRegistration.input_problem(fixed, moving) is None  # one slice is a valid input
+    thin = slicer_harness.add_volume(scene, "two slices", sample_pair.fixed[:, :, :2])
+    assert "exactly one slice" in SceneRegistration.input_problem(thin, moving)
+    path = checkpoint(tmp_path, "r2n2", 2, channels=[8, 8, 8, 16])
+    run = SceneRegistration(scene, fixed, moving, RunSettings(method="r2n2", steps=3, checkpoint=path))
+    run.start().wait(timeout=120)
+    assert run.state == "completed", run.message
+    assert run.nodes["centres"].GetNumberOfControlPoints() == 3
+    assert run.nodes["channel"].GetImageData().GetDimensions()[2] == 1  # channel maps shown as one slice

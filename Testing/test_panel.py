@@ -182,3 +182,19 @@ def test_a_learned_method_offers_its_bundled_checkpoint(panel, sample_pair):
     ui.checkpointComboBox.clear()
     widget.updateRunButton()
     assert not ui.runButton.enabled and ui.runButton.toolTip == "This method is learned: choose a checkpoint."
+
+
+def test_series_mode_for_r2n2_lets_a_2d_plus_t_volume_be_both_fixed_and_moving(panel, sample_pair):
+    widget, scene = panel
+    ui = widget.ui
+    fixed, moving = select_pair(widget, scene, sample_pair)
+    ui.movingSelector.setCurrentNode(fixed)
+    ui.methodComboBox.currentIndex = ui.methodComboBox.findData("classical")
+    assert not ui.seriesCheckBox.enabled  # only methods that register 2D frames offer it
+    ui.methodComboBox.currentIndex = ui.methodComboBox.findData("r2n2")
+    assert ui.seriesCheckBox.enabled and "same node" in ui.runButton.toolTip
+    ui.seriesCheckBox.checked = True
+    ui.fixedFrameSpinBox.value = 3
+    assert "same node" not in ui.runButton.toolTip
+    settings = widget.logic.settings_from_parameters(widget._parameterNode)
+    assert settings.options["frame_axis"] == 0 and settings.options["fixed_frame"] == 3

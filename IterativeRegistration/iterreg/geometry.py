@@ -203,5 +203,6 @@ class Geometry:
         Matches :func:`iterreg.spatial.resize_displacement` (align_corners=True).
         """
         size = tuple(int(n) for n in reversed(tuple(array_shape)))
-        spacing = tuple(s * (o - 1) / max(n - 1, 1) for s, o, n in zip(self.spacing, self.size, size))
+        # an axis of one voxel (a single slice) has no extent to keep: it keeps its spacing
+        spacing = tuple(s * (o - 1) / (n - 1) if o > 1 and n > 1 else s for s, o, n in zip(self.spacing, self.size, size))
         return Geometry(size, spacing, self.origin, self.direction)

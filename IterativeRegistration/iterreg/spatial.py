@@ -168,9 +168,13 @@ def jacobian_matrix(displacement: torch.Tensor) -> torch.Tensor:
     determinant is the same in mm because spacing and direction cancel (det(S A S^-1) = det A).
     """
     nd = spatial_ndim(displacement)
+    shape = displacement.shape[2:]
     rows = []
     for i in range(nd):
-        grads = torch.gradient(displacement[:, i], dim=tuple(range(1, nd + 1)))
+        component = displacement[:, i]
+        # along an axis of one voxel (a single slice) nothing varies: its derivative is 0
+        grads = [torch.gradient(component, dim=1 + d)[0] if shape[d] > 1 else torch.zeros_like(component)
+                 for d in range(nd)]
         rows.append(torch.stack(grads, dim=-1))
     jac = torch.stack(rows, dim=-2)
     eye = torch.eye(nd, device=displacement.device, dtype=displacement.dtype)

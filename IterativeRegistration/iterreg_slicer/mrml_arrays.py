@@ -52,9 +52,6 @@ def volume_geometry(node) -> Geometry:
     direction_lps = LPS_TO_RAS_3D @ m[:3, :3] / spacing[None, :]
     origin_lps = LPS_TO_RAS_3D @ m[:3, 3]
     size = tuple(int(n) for n in image.GetDimensions())
-    if size[2] == 1:
-        raise ValueError(f"volume '{node.GetName()}' is a single slice; 2D registration runs from the command "
-                         "line (iterreg register) for now")
     return Geometry(size, tuple(spacing), tuple(origin_lps), tuple(direction_lps.ravel()))
 
 

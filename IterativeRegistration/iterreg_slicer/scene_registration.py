@@ -51,6 +51,7 @@ class RunSettings:
     channel_index: int = 0  # which map of it (the worker sends maps 0-3 unless told otherwise)
     channel_volumes: bool = True
     jacobian: bool = True
+    mark_centres: bool = True  # a point per step where the method reports the centre of its local deformation
     keep_previous: bool = True  # False: remove earlier outputs of this method on this pair first
     warped_per_step: bool | None = None  # None: only when the fixed grid has <= 100^3 voxels
     use_landmarks_as_prompts: bool = False
@@ -92,11 +93,13 @@ class SceneRegistration:
 
     # --- checks -----------------------------------------------------------------------------------------------
     @staticmethod
-    def input_problem(fixed_node, moving_node, fixed_landmarks=None, moving_landmarks=None) -> str | None:
-        """Why a run cannot start with these inputs (for the panel's disabled Run button), or None."""
+    def input_problem(fixed_node, moving_node, fixed_landmarks=None, moving_landmarks=None,
+                      series: bool = False) -> str | None:
+        """Why a run cannot start with these inputs (for the panel's disabled Run button), or None.
+        ``series``: the moving volume is a 2D+t series registered to one of its own frames, so fixed may be it."""
         if fixed_node is None or moving_node is None:
             return "Select a fixed and a moving volume."
-        if fixed_node is moving_node:
+        if fixed_node is moving_node and not series:
             return "Fixed and moving volume are the same node; select two different volumes."
         for role, node in (("fixed", fixed_node), ("moving", moving_node)):
             if not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
@@ -106,8 +109,10 @@ class SceneRegistration:
                 return f"The {role} volume '{node.GetName()}' has no image data."
             if image.GetNumberOfScalarComponents() != 1:
                 return f"The {role} volume '{node.GetName()}' has several components per voxel; use a scalar volume."
-            if min(image.GetDimensions()) < 4:
-                return f"The {role} volume '{node.GetName()}' is too small ({image.GetDimensions()}); 3D volumes only."
+            dims = sorted(image.GetDimensions())
+            if dims[1] < 4 or (dims[0] < 4 and dims[0] != 1):  # a single slice is fine (2D checkpoints)
+                return (f"The {role} volume '{node.GetName()}' is too small ({image.GetDimensions()}); it needs at "
+                        "least 4 voxels along each axis, or exactly one slice.")
             parent = node.GetParentTransformNode()
             if parent is not None and not parent.IsTransformToWorldLinear():
                 return (f"The {role} volume is under the non-linear transform '{parent.GetName()}'; harden or "
@@ -122,7 +127,8 @@ class SceneRegistration:
 
     # --- life cycle -------------------------------------------------------------------------------------------
     def start(self) -> "SceneRegistration":
-        problem = self.input_problem(self.fixed_node, self.moving_node, self.fixed_landmarks, self.moving_landmarks)
+        problem = self.input_problem(self.fixed_node, self.moving_node, self.fixed_landmarks, self.moving_landmarks,
+                                     series=self.settings.options.get("frame_axis", -1) >= 0)
         if problem:
             raise ValueError(problem)
         s = self.settings
@@ -204,6 +210,8 @@ class SceneRegistration:
     def _on_step(self, step: StepMessage) -> None:
         self.steps_done += 1
         self.plot.add(step.index, step.metrics)
+        if self.settings.mark_centres:
+            self._mark_centre(step)
         if step.arrays is not None:
             displacement = step.displacement
             set_grid_transform(self.nodes["transform"], displacement, self.geometry)
@@ -211,6 +219,22 @@ class SceneRegistration:
             self._record(step.index, displacement, step.warped, channel)
         if self.on_step_callback is not None:
             self.on_step_callback(self, step)
+
+    def _mark_centre(self, step: StepMessage) -> None:
+        """R2N2: the centre of this step's local Gaussian deformation, a point labelled with the step number."""
+        keys = [f"center_{k}" for k in range(self.geometry.ndim)]
+        if not all(k in step.metrics for k in keys):
+            return
+        node = self.nodes.get("centres")
+        if node is None:
+            node = self._new_node("vtkMRMLMarkupsFiducialNode", f"{self.name} centres", "centres")
+            node.CreateDefaultDisplayNodes()
+            node.SetLocked(True)  # results, not something to drag
+            display = node.GetDisplayNode()
+            display.SetGlyphScale(1.5)
+            display.SetTextScale(2.0)
+        ras = self.geometry.array_index_to_ras(np.array([[step.metrics[k] for k in keys]]))[0]
+        node.AddControlPoint(*[float(c) for c in ras], str(step.index + 1))
 
     def _show_channel(self, channels: dict[str, np.ndarray]) -> np.ndarray | None:
         if not channels:

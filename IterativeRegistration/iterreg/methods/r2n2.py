@@ -8,7 +8,11 @@ grid). Streamed per step: the Gaussian's ``center_k`` (voxels of the image grid,
 summed), with the standard metrics; channels ``local_deformation`` (this step's displacement) and ``gaussian``
 (its profile, 0..1). The parameters of the final transform are ``steps`` x (3 ndim + 1 | 3) numbers.
 
-Single-slice volumes (one axis of size 1) are registered in 2D with a 2D checkpoint.
+Single-slice volumes (one axis of size 1) are registered in 2D with a 2D checkpoint. A 2D+t series stored as a
+3D volume (frames along ``frame_axis``) is registered frame by frame with a 2D checkpoint, the paper's use: every
+frame of the moving volume to frame ``fixed_frame`` of it (or, with ``fixed_frame`` -1, to the same frame of the
+fixed volume). All frames run together as one batch, so each streamed step moves every frame; the result is one
+3D field with no through-frame component, which Slicer shows and saves as any other grid transform.
 """
 from __future__ import annotations
 
@@ -18,15 +22,24 @@ from typing import Iterator
 
 import torch
 
-from .base import Prompts, Step
-from .learned import LearnedIterativeMethod, WorkingGridOptions
+from .base import Prompts, Step, standard_step_metrics
+from .learned import LearnedIterativeMethod, WorkingGrid, WorkingGridOptions
+from ..errors import InputError
 from ..networks.r2n2 import R2N2Config, R2N2Network, gaussian_displacement
-from ..spatial import spatial_ndim
+from ..spatial import spatial_ndim, warp
 
 
 @dataclass(frozen=True)
 class R2N2Options(WorkingGridOptions):
-    pass
+    frame_axis: int = -1  # >= 0: the volume is a 2D+t series with frames along this array axis
+    fixed_frame: int = -1  # series: register every frame to this frame of the moving volume; -1: to the fixed
+
+    def check(self) -> None:
+        super().check()
+        if self.frame_axis not in (-1, 0, 1, 2):
+            raise InputError(f"frame_axis must be -1 (not a series) or an array axis 0, 1 or 2, got {self.frame_axis}")
+        if self.fixed_frame < -1:
+            raise InputError(f"fixed_frame must be -1 (the fixed volume) or a frame index, got {self.fixed_frame}")
 
 
 class R2N2Method(LearnedIterativeMethod):
@@ -41,7 +54,19 @@ class R2N2Method(LearnedIterativeMethod):
     network_class, config_class = R2N2Network, R2N2Config
 
     def check_inputs(self, fixed, moving, steps):
-        if self._single_slice_axis(fixed) is not None:  # judge the 2D slice, not the 3D volume
+        axis = self.options.frame_axis
+        if axis >= 0:  # a series: check the volume, then the step count and dimension on one frame
+            if spatial_ndim(fixed) != 3 or self.network.config.ndim != 2:
+                raise InputError("series registration (frame_axis) needs a 3D volume of 2D frames and a 2D r2n2 "
+                                 "checkpoint")
+            if fixed.shape != moving.shape:
+                raise InputError(f"fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} must be on one grid")
+            count = fixed.shape[2 + axis]
+            if self.options.fixed_frame >= count:
+                raise InputError(f"fixed_frame {self.options.fixed_frame} does not exist: the series has frames "
+                                 f"0 to {count - 1} along axis {axis}")
+            fixed, moving = fixed.select(2 + axis, 0), moving.select(2 + axis, 0)
+        elif self._single_slice_axis(fixed) is not None:  # judge the 2D slice, not the 3D volume
             fixed, moving = (t.squeeze(2 + self._single_slice_axis(fixed)) for t in (fixed, moving))
         return super().check_inputs(fixed, moving, steps)
 
@@ -54,6 +79,9 @@ class R2N2Method(LearnedIterativeMethod):
 
     def run(self, fixed, moving, steps=None, prompts: Prompts | None = None,
             init: torch.Tensor | None = None) -> Iterator[Step]:
+        if self.options.frame_axis >= 0:
+            yield from self._run_series(fixed, moving, steps, prompts, init)
+            return
         steps = self.check_inputs(fixed, moving, steps)
         axis = self._single_slice_axis(fixed)
         if axis is None:
@@ -65,8 +93,42 @@ class R2N2Method(LearnedIterativeMethod):
         for step in self._run(drop(fixed), drop(moving), steps, prompts, init2d):
             u = step.displacement.unsqueeze(2 + axis)
             u = torch.cat([u[:, :axis], torch.zeros_like(u[:, :1]), u[:, axis:]], dim=1)
-            yield Step(step.index, u, lambda s=step: s.warped.unsqueeze(2 + axis), step.metrics, step.channels,
-                       step.phase, step.final)
+            channels = {name: c.unsqueeze(1 + axis) for name, c in step.channels.items()}  # maps of the volume
+            yield Step(step.index, u, lambda s=step: s.warped.unsqueeze(2 + axis), _metrics_in_3d(step.metrics, axis),
+                       channels, step.phase, step.final)
+
+    def _run_series(self, fixed, moving, steps, prompts, init):
+        steps = self.check_inputs(fixed, moving, steps)
+        if prompts is not None or init is not None:
+            raise InputError("series registration starts from the identity and takes no prompts")
+        axis, k = self.options.frame_axis, self.options.fixed_frame
+        count = fixed.shape[2 + axis]
+        moving_frames = moving[0].movedim(1 + axis, 0)  # [F, 1, *frame]
+        fixed_frames = (moving_frames[k:k + 1].expand_as(moving_frames) if k >= 0
+                        else fixed[0].movedim(1 + axis, 0)).to(self.device)
+        moving_frames = moving_frames.to(self.device)
+        as_volume = lambda t: t.movedim(0, 1 + axis).unsqueeze(0)  # noqa: E731  [F, C, *frame] -> [1, C, *volume]
+        in_plane = [a for a in range(3) if a != axis]
+        grid = WorkingGrid.for_images(fixed_frames, self.network.config.working_scale,
+                                      self.options.working_size or self.trained_working_size)
+        fixed_w, moving_w = grid.image_down(fixed_frames), grid.image_down(moving_frames)
+        previous = None
+        total = None
+        with torch.no_grad():
+            for t, state in enumerate(self.network.iterate(fixed_w, moving_w, steps)):
+                local, profile = gaussian_displacement(state.gaussian, grid.image_shape)  # [F, 2 | 1, *frame]
+                total = local if total is None else total + local
+                volume_u = torch.zeros((1, 3, *fixed.shape[2:]), device=total.device, dtype=total.dtype)
+                volume_u[:, in_plane] = as_volume(total)
+                metrics = standard_step_metrics(fixed_w, warp(moving_w, state.displacement), state.displacement,
+                                                previous, self.similarity, self.similarity_kwargs)
+                metrics["update_norm"] = float(local.norm(dim=1).max())
+                metrics["frames"] = float(count)
+                channels = {"gaussian": as_volume(profile)[0]}
+                phase = f"step {t + 1}/{steps}: one Gaussian in each of {count} frames"
+                yield Step(t, volume_u, lambda u=volume_u: warp(moving, u), metrics, channels, phase,
+                           t == steps - 1)
+                previous = state.displacement
 
     def _run(self, fixed, moving, steps, prompts, init):
         fixed, moving, grid, start = self._prepare(fixed, moving, prompts, init)
@@ -95,3 +157,14 @@ class R2N2Method(LearnedIterativeMethod):
                 yield self._step(t, fixed_w, moving_w, moving, grid, state.displacement, previous, channels, phase,
                                  t == steps - 1, extra, displacement=displacement)
                 previous = state.displacement
+
+
+def _metrics_in_3d(metrics: dict, axis: int) -> dict:
+    """A single slice's per-axis metrics (centre, weight) renumbered to the volume's axes; the slice axis gets 0."""
+    out = {k: v for k, v in metrics.items() if not k.startswith(("center_", "weight_"))}
+    slice_axes = [a for a in range(3) if a != axis]
+    for name in ("center", "weight"):
+        out[f"{name}_{axis}"] = 0.0
+        for k, a in enumerate(slice_axes):
+            out[f"{name}_{a}"] = metrics[f"{name}_{k}"]
+    return out

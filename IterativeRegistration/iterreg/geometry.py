@@ -82,6 +82,12 @@ class Geometry:
         return len(self.size)
 
     @property
+    def image_ndim(self) -> int:
+        """Dimensions the image really extends in: a single-slice 3D volume is a 2D image (for choosing a
+        2D or 3D checkpoint)."""
+        return sum(1 for n in self.size if n > 1) if self.ndim == 3 and 1 in self.size else self.ndim
+
+    @property
     def array_shape(self) -> tuple[int, ...]:
         """Shape of the numpy/torch array (array order = reversed ITK order)."""
         return tuple(reversed(self.size))

@@ -121,7 +121,7 @@ def register_files(request: RegistrationRequest, on_step: Callable[[Step], None]
     moving = read_image(request.moving, "moving image")
     pair = prepare_pair(fixed, moving)
     evaluation = _load_evaluation(request, fixed, moving)
-    method = method_cls.create(request.checkpoint, device, request.options, ndim=pair.geometry.ndim)
+    method = method_cls.create(request.checkpoint, device, request.options, ndim=pair.geometry.image_ndim)
     steps = method.check_inputs(pair.fixed, pair.moving, request.steps)
     prompts = None
     if request.use_landmarks_as_prompts and evaluation.fixed_points is not None:

@@ -194,7 +194,7 @@ def _run(job: Job, channel: EventChannel, control: Control, ring: Ring | None) -
     device = resolve_device(job.device)
     method_cls = get_method(job.method)
     pair, prompts, init = _load_inputs(job)
-    method = method_cls.create(job.checkpoint, device, job.options, ndim=pair.geometry.ndim)
+    method = method_cls.create(job.checkpoint, device, job.options, ndim=pair.geometry.image_ndim)
     steps = method.check_inputs(pair.fixed, pair.moving, job.steps)
     if prompts is not None:
         prompts = Prompts(*prompts, weight=job.prompt_weight, spacing=pair.geometry.array_spacing)

@@ -99,6 +99,9 @@ class NetworkMethod(RegistrationMethod):
 
     def check_inputs(self, fixed, moving, steps):
         steps = super().check_inputs(fixed, moving, steps)
+        if spatial_ndim(fixed) == 3 and 1 in fixed.shape[2:] and self.network.config.ndim == 2:
+            raise InputError(f"{self.name} cannot register a single-slice volume yet (r2n2 can); choose r2n2 or "
+                             "classical, or a 3D volume")
         if spatial_ndim(fixed) != self.network.config.ndim:
             raise InputError(f"this {self.name} checkpoint was trained on {self.network.config.ndim}D images; the "
                              f"inputs are {spatial_ndim(fixed)}D: choose a {spatial_ndim(fixed)}D checkpoint")

@@ -43,6 +43,8 @@ class R2N2Config(DictConfig):
     sigma_max: float = 0.3  # widths are at most this fraction of the half-extent (paper: 0.3)
     steps: int = 25  # T in training (paper: 25)
     coordinates: bool = True  # coordinate channels (CoordConv), as in the paper
+    instance_norm: bool = False  # instance normalisation after the convolutions (the public code's default)
+    temperature: float = 0.0  # > 0: the position soft-max divides by a learned temperature starting here
     working_scale: float = 1.0  # the network's grid relative to the image grid (methods/learned.py)
 
     def __post_init__(self):
@@ -117,11 +119,15 @@ def _activation(name):
     return nn.Tanh() if name == "tanh" else nn.LeakyReLU(0.01)
 
 
+def _norm(ndim, channels, enabled):
+    return (nn.InstanceNorm2d if ndim == 2 else nn.InstanceNorm3d)(channels) if enabled else nn.Identity()
+
+
 class ResidualBlock(nn.Module):
-    def __init__(self, ndim, channels, activation):
+    def __init__(self, ndim, channels, activation, norm=False):
         super().__init__()
-        self.body = nn.Sequential(_conv(ndim, channels, channels), _activation(activation),
-                                  _conv(ndim, channels, channels))
+        self.body = nn.Sequential(_conv(ndim, channels, channels), _norm(ndim, channels, norm), _activation(activation),
+                                  _conv(ndim, channels, channels), _norm(ndim, channels, norm))
         self.act = _activation(activation)
 
     def forward(self, x):
@@ -137,15 +143,19 @@ def spatial_softmax(x: torch.Tensor) -> torch.Tensor:
 class PositionNetwork(nn.Module):
     """Eq. 14-17: soft-argmax position and its confidence from one resolution level."""
 
-    def __init__(self, ndim, channels):
+    def __init__(self, ndim, channels, temperature=0.0):
         super().__init__()
+        # optional learned temperature (the public code has it, off by default): a uniform soft-max over
+        # thousands of pixels passes each pixel ~1/N of the position's gradient; dividing by T < 1 sharpens it
+        self.temperature = nn.Parameter(torch.tensor(float(temperature))) if temperature > 0 else None
         conv = nn.Conv2d if ndim == 2 else nn.Conv3d
         # no bias: a spatial soft-max ignores a constant, so a bias would be a parameter without a gradient
         self.position = conv(channels, 1, 1, bias=False)
         self.trust = conv(channels, 1, 1, bias=False)
 
     def forward(self, x, coordinates):
-        p_left = spatial_softmax(self.position(x))
+        logits = self.position(x)
+        p_left = spatial_softmax(logits if self.temperature is None else logits / self.temperature.abs().clamp_min(1e-3))
         p_right = spatial_softmax(self.trust(x))
         position = (p_left * coordinates).flatten(2).sum(2)  # [B, ndim]
         confidence = 2.0 - (p_left - p_right).abs().flatten(1).sum(1, keepdim=True)  # [B, 1], in [0, 2]
@@ -155,13 +165,13 @@ class PositionNetwork(nn.Module):
 class GR2U(nn.Module):
     """Gated recurrent registration unit: residual stack, ConvGRU with skip, position network, downsampling."""
 
-    def __init__(self, ndim, cin, cout, blocks, activation):
+    def __init__(self, ndim, cin, cout, blocks, activation, norm=False, temperature=0.0):
         super().__init__()
-        self.residual = nn.Sequential(*[ResidualBlock(ndim, cin, activation) for _ in range(blocks)])
+        self.residual = nn.Sequential(*[ResidualBlock(ndim, cin, activation, norm) for _ in range(blocks)])
         self.gru = ConvGRU(ndim, cin, cin)
         self.act = _activation(activation)
-        self.position = PositionNetwork(ndim, cin)
-        self.down = nn.Sequential(_conv(ndim, cin, cout, stride=2), _activation(activation))
+        self.position = PositionNetwork(ndim, cin, temperature)
+        self.down = nn.Sequential(_conv(ndim, cin, cout, stride=2), _norm(ndim, cout, norm), _activation(activation))
 
     def forward(self, x, hidden, coordinates):
         features = self.residual(x)
@@ -215,9 +225,10 @@ class R2N2Network(nn.Module):
         self.config = config
         nd, ch = config.ndim, config.channels
         cin = 2 + (nd if config.coordinates else 0)
-        self.stem = nn.Sequential(_conv(nd, cin, ch[0], kernel=7, stride=2), _activation(config.activation))
-        self.units = nn.ModuleList(GR2U(nd, ch[k], ch[k + 1], config.residual_blocks, config.activation)
-                                   for k in range(3))
+        self.stem = nn.Sequential(_conv(nd, cin, ch[0], kernel=7, stride=2), _norm(nd, ch[0], config.instance_norm),
+                                  _activation(config.activation))
+        self.units = nn.ModuleList(GR2U(nd, ch[k], ch[k + 1], config.residual_blocks, config.activation,
+                                        config.instance_norm, config.temperature) for k in range(3))
         self.parameters_net = ParameterNetwork(nd, ch[3], config.parameter_hidden, config.activation,
                                                config.sigma_max)
 

@@ -65,7 +65,7 @@ def iterstop(args) -> str:
 
     torch.set_num_threads(2)
     configurations = [("RP-Net (1, 1, 1, 1)", {"level_iterations": [1, 1, 1, 1]})]
-    configurations += [(f"IIRP-Net delta = {d:g}", {"delta": d}) for d in (0.01, 0.005, 0.001, 0.0005)]
+    configurations += [(f"IIRP-Net delta = {d:g}", {"delta": d}) for d in (0.01, 0.005, 0.001, 0.0005, 0.0001)]
     configurations += [(f"IIRP-Net ({t}, {t}, {t}, {t}), no IterStop", {"level_iterations": [t] * 4}) for t in (2, 3, 5)]
     sections = []
     for ndim, size, count in ((3, args.size, args.pairs), (2, 128, args.pairs_2d)):

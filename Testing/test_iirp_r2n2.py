@@ -232,7 +232,7 @@ def test_a_single_slice_volume_registers_with_a_2d_checkpoint(tmp_path):
 
 # --- both, through the real worker --------------------------------------------------------------------------
 @pytest.mark.parametrize("method, channels", [("iirp", {"residual_flow", "warped_features"}),
-                                              ("r2n2", {"local_deformation", "gaussian"})])
+                                              ("r2n2", {"local_deformation", "gaussian", "attention"})])
 def test_a_checkpoint_round_trips_through_the_real_worker_which_streams_every_step(
         tmp_path, sample_pair, leak_check, method, channels):
     from test_worker import request_from, run_client

@@ -5,8 +5,8 @@ grid (:mod:`iterreg.networks.r2n2`) and evaluated exactly on the image grid (its
 grid). Streamed per step: the Gaussian's ``center_k`` (voxels of the image grid, array axis k), ``sigma_k``
 (widths as fractions of the half-extent, the paper's units), ``rotation`` (degrees; 3D: ``rotation_0..2``),
 ``weight_k`` (displacement at the centre, voxels) and ``confidence`` (the position network's, 0..2 per level,
-summed), with the standard metrics; channels ``local_deformation`` (this step's displacement) and ``gaussian``
-(its profile, 0..1). The parameters of the final transform are ``steps`` x (3 ndim + 1 | 3) numbers.
+summed), with the standard metrics; channels ``local_deformation`` (this step's displacement), ``gaussian``
+(its profile, 0..1) and ``attention`` (the finest level's position soft-max: where the network looks). The parameters of the final transform are ``steps`` x (3 ndim + 1 | 3) numbers.
 
 Single-slice volumes (one axis of size 1) are registered in 2D with a 2D checkpoint. A 2D+t series stored as a
 3D volume (frames along ``frame_axis``) is registered frame by frame with a 2D checkpoint, the paper's use: every
@@ -150,7 +150,8 @@ class R2N2Method(LearnedIterativeMethod):
                     extra[f"weight_{k}"] = float(g.weight[0, k] * half[k])
                 angles = torch.rad2deg(g.angles[0]).tolist()
                 extra.update({"rotation": angles[0]} if nd == 2 else {f"rotation_{k}": a for k, a in enumerate(angles)})
-                channels = {"local_deformation": state.local[0], "gaussian": state.profile[0]}
+                channels = {"local_deformation": state.local[0], "gaussian": state.profile[0],
+                            "attention": state.attention[0][0]}  # where the finest position soft-max looks
                 where = ", ".join(f"{c:.0f}" for c in center.tolist())
                 size = math.sqrt(sum(float(local[0, k].abs().max()) ** 2 for k in range(nd)))
                 phase = f"step {t + 1}/{steps}: Gaussian at ({where}), {size:.1f} voxels"

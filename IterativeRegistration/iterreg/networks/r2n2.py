@@ -217,6 +217,8 @@ class R2N2State:
     profile: torch.Tensor  # its Gaussian profile [B, 1, *working]
     gaussian: LocalDeformation
     confidences: torch.Tensor  # [B, 3]: the position network's confidence per level
+    attention: list = None  # the position soft-max of each level, [B, 1, *level]
+    moving_warped: torch.Tensor = None  # M o f_{t-1}, the image this step saw
 
 
 class R2N2Network(nn.Module):
@@ -241,13 +243,14 @@ class R2N2Network(nn.Module):
         u = fixed.new_zeros((fixed.shape[0], nd, *shape)) if init is None else init
         hidden = [None, None, None]
         for _ in range(steps):
-            x = torch.cat([fixed, warp(moving, u)] + ([grid] if self.config.coordinates else []), dim=1)
-            x = self.stem(x)
-            positions, confidences = [], []
+            warped = warp(moving, u)
+            x = self.stem(torch.cat([fixed, warped] + ([grid] if self.config.coordinates else []), dim=1))
+            positions, confidences, attentions = [], [], []
             for k, unit in enumerate(self.units):
                 stride = 2 ** (k + 1)  # a stride-2 conv keeps pixel 2j of its input: level k+1 sees every 2^(k+1)th
                 coordinates = grid[(slice(None), slice(None), *[slice(None, None, stride)] * nd)]
-                x, hidden[k], position, confidence, _ = unit(x, hidden[k], coordinates)
+                x, hidden[k], position, confidence, attention = unit(x, hidden[k], coordinates)
+                attentions.append(attention)
                 positions.append(position)
                 confidences.append(confidence)
             weights = torch.cat(confidences, 1)  # [B, 3]
@@ -256,7 +259,7 @@ class R2N2Network(nn.Module):
             gaussian = LocalDeformation(center, sigma, angles, weight)
             local, profile = gaussian_displacement(gaussian, shape)
             u = u + local
-            yield R2N2State(u, local, profile, gaussian, weights)
+            yield R2N2State(u, local, profile, gaussian, weights, attentions, warped)
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor, steps: int | None = None) -> list[torch.Tensor]:
         """Training: every step's displacement on the working grid (the caller upsamples)."""

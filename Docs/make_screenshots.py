@@ -97,7 +97,8 @@ def strip(paths_and_labels, path: Path) -> None:
 
 
 def network_strip(scene, view, fixed, moving, method: str, channel: str, steps: int, marks, name: str) -> None:
-    """A learned method with its bundled checkpoint: the warping image and one channel map at chosen steps."""
+    """A learned method with its bundled checkpoint: the warping image and one channel map at chosen steps
+    (``marks``: step numbers, or a predicate on the streamed step)."""
     from iterreg.resources import default_checkpoint
     if default_checkpoint(method, 3) is None:
         print(f"no bundled 3D {method} checkpoint: {name}.png not made")
@@ -105,8 +106,11 @@ def network_strip(scene, view, fixed, moving, method: str, channel: str, steps: 
     shots = []
 
     def on_step(run, step):
-        if step.displacement is not None and (step.index + 1 in marks or step.final):
+        chosen = marks(step) if callable(marks) else step.index + 1 in marks
+        if step.displacement is not None and (chosen or step.final):
             label = f"{method} step {step.index + 1}"
+            if "level" in step.metrics:  # IIRP-Net: say where in the pyramid
+                label += f" (level {int(step.metrics['level'])})"
             show_in_slice_views(scene, run.nodes["warping"], None)
             shots.append((save_view(view, f"{name}_warp_{step.index + 1}"), label))
             show_in_slice_views(scene, fixed, run.nodes["channel"], 0.7)
@@ -181,6 +185,8 @@ def main() -> int:
     chart_png(run.plot, OUT / "convergence.png")
     network_strip(scene, view, fixed, moving, "riir", "h1", 6, (1, 3, 6), "riir_hidden_state")
     network_strip(scene, view, fixed, moving, "deqreg", "residual_map", 48, (1, 12, 48), "deqreg_residual")
+    network_strip(scene, view, fixed, moving, "iirp", "residual_flow", 40,
+                  lambda step: step.metrics.get("iteration") == 1 and step.metrics.get("level") in (3, 1), "iirp_levels")
     print(f"wrote {len(list(OUT.glob('*.png')))} pictures to {OUT}")
     return 0
 

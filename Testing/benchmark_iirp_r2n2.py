@@ -107,6 +107,13 @@ def iterstop(args) -> str:
 
 
 # --- R2N2: compactness and speed ----------------------------------------------------------------------------
+def checkpoint_label(args) -> str:
+    from pathlib import Path
+
+    from iterreg.resources import default_checkpoint
+    return Path(args.checkpoint or default_checkpoint("r2n2", 2)).name
+
+
 def bspline_register(fixed, moving, mesh: int):
     """A plain SimpleITK B-spline registration (MSE, LBFGSB, 3 resolutions), returning the voxel field and its
     number of parameters; the paper's comparison is a B-spline grid optimised on the image pair."""
@@ -120,7 +127,7 @@ def bspline_register(fixed, moving, mesh: int):
     reg.SetMetricAsMeanSquares()
     reg.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-6, numberOfIterations=100)
     reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetInitialTransformAsBSpline(transform, inPlace=True, scaleFactors=[1, 2, 4])
+    reg.SetInitialTransform(transform, inPlace=True)  # one mesh for all levels: its size is the parameter count
     reg.SetShrinkFactorsPerLevel([4, 2, 1])
     reg.SetSmoothingSigmasPerLevel([2, 1, 0])
     start = time.perf_counter()
@@ -143,7 +150,7 @@ def compactness(args) -> str:
     rows_pairs = []
     r2n2_all, classical_all, bspline_all = [], [], {m: [] for m in meshes}
     for seed, pair, evaluation, sample in pairs(2, 128, args.pairs_2d, args.first_seed):
-        method = get_method("r2n2").create(ndim=2)
+        method = get_method("r2n2").create(args.checkpoint, ndim=2)
         start = time.perf_counter()
         steps = list(method.run(pair.fixed, pair.moving, steps=args.r2n2_steps))
         r2n2 = {**score(evaluation, steps[-1].displacement), "time": time.perf_counter() - start,
@@ -190,8 +197,8 @@ def compactness(args) -> str:
                    "more accurate one at any size tried.")
     return "\n".join([
         "## R2N2: compactness and speed (its paper's comparison)", "",
-        f"Run {date.today().isoformat()} on {machine()}, by `Testing/benchmark_iirp_r2n2.py compactness`. Bundled 2D "
-        f"checkpoint `r2n2_mni128_2d`; {args.pairs_2d} held-out 128^2 axial slice pairs (seeds {args.first_seed}-"
+        f"Run {date.today().isoformat()} on {machine()}, by `Testing/benchmark_iirp_r2n2.py compactness`. Checkpoint "
+        f"`{checkpoint_label(args)}`; {args.pairs_2d} held-out 128^2 axial slice pairs (seeds {args.first_seed}-"
         f"{args.first_seed + args.pairs_2d - 1}); means over pairs. 'Parameters' counts the numbers that describe "
         "the final transform (R2N2: 7 per Gaussian: centre 2, widths 2, rotation 1, weight 2; B-spline: 2 per "
         "control point of a cubic grid with that many mesh cells, SimpleITK, MSE, L-BFGS-B, 3 resolutions; dense: "
@@ -214,7 +221,7 @@ def series(args) -> str:
     frames = np.stack([sitk.GetArrayFromImage(f) for f in data["frames"]])  # [T, H, W]
     labels = np.stack([sitk.GetArrayFromImage(f) for f in data["labels"]]).astype(np.int64)
     volume = torch.from_numpy(normalise_intensity(frames)[0]).float()[None, None]  # frames along axis 0
-    method = get_method("r2n2").create(ndim=2, options={"frame_axis": 0, "fixed_frame": 0})
+    method = get_method("r2n2").create(args.checkpoint, ndim=2, options={"frame_axis": 0, "fixed_frame": 0})
     start = time.perf_counter()
     steps = list(method.run(volume, volume, steps=args.r2n2_steps))
     elapsed = time.perf_counter() - start
@@ -235,7 +242,7 @@ def series(args) -> str:
         f"Run {date.today().isoformat()} on {machine()}, by `Testing/benchmark_iirp_r2n2.py series`. A generated "
         f"{args.frames}-frame 128^2 series (`make_series`, seed {args.first_seed}: a periodic, breathing-like "
         "deformation of an axial MNI slice), every frame registered to frame 0 in one run (`frame_axis`, "
-        f"`fixed_frame`), {args.r2n2_steps} Gaussians per frame, all frames in one batch. Absolute CPU seconds "
+        f"`fixed_frame`), checkpoint `{checkpoint_label(args)}`, {args.r2n2_steps} Gaussians per frame, all frames in one batch. Absolute CPU seconds "
         "(2 threads).", "", table])
 
 
@@ -248,8 +255,15 @@ def main() -> int:
     parser.add_argument("--first-seed", type=int, default=200)
     parser.add_argument("--r2n2-steps", type=int, default=25)
     parser.add_argument("--frames", type=int, default=10)
+    parser.add_argument("--checkpoint", default=None, help="a 2D r2n2 checkpoint (default: the bundled one)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    if args.what != "iterstop" and args.checkpoint is None:
+        from iterreg.resources import default_checkpoint
+        if default_checkpoint("r2n2", 2) is None:
+            print("no 2D r2n2 checkpoint is bundled (Docs/training.md says why); train one with iterreg-train and "
+                  "pass it with --checkpoint")
+            return 2
     body = {"iterstop": iterstop, "compactness": compactness, "series": series}[args.what](args)
     print(body)
     if not args.no_write:

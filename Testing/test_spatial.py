@@ -141,3 +141,14 @@ def test_update_norm_of_a_coarse_step_is_in_image_voxels():
     fine = rescale_voxel_vectors(coarse, (17, 17), (33, 33))
     assert torch.allclose(fine[:, 1], torch.full((1, 17, 17), 2.0)) and fine[:, 0].abs().max() == 0
     torch.testing.assert_close(fine, resize_displacement(coarse, (33, 33))[..., ::2, ::2])
+
+
+def test_normalised_coordinates_put_minus_one_and_one_on_the_corner_voxel_centres():
+    from iterreg.spatial import identity_grid, normalised_grid, normalised_to_voxels
+    shape = (5, 9, 1)
+    grid = normalised_grid(shape)
+    assert float(grid[0, 0, 0, 0, 0]) == -1 and float(grid[0, 0, -1, 0, 0]) == 1 and float(grid[0, 2].abs().max()) == 0
+    voxels = normalised_to_voxels(grid[0].movedim(0, -1), shape, points=True).movedim(-1, 0)[None]
+    torch.testing.assert_close(voxels, identity_grid(shape))
+    # a vector of 2 (corner to corner) spans n - 1 voxels
+    torch.testing.assert_close(normalised_to_voxels(torch.tensor([2.0, 2.0, 2.0]), shape), torch.tensor([4.0, 8.0, 0.0]))

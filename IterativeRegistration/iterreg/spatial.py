@@ -6,6 +6,8 @@ Conventions (DESIGN.md §3), stated once:
   displacement along array axis ``c`` (so for 3D: channel 0 = D, 1 = H, 2 = W).
 - ``warp(moving, u)(x) = moving(x + u(x))``, sampled with ``grid_sample(..., align_corners=True)``:
   voxel index ``0`` and ``n - 1`` are the centres of the first and last voxels.
+- Normalised coordinates (R2N2's units): ``-1`` and ``1`` are the corner voxel centres of each axis (the
+  grid_sample convention above), so a voxel vector is a normalised vector times ``(n - 1) / 2``.
 - A transform ``phi_u(x) = x + u(x)``. ``compose(outer, inner)`` is the displacement of
   ``phi_outer ∘ phi_inner``, so warping by ``outer`` and then by ``inner`` equals one warp by the composition.
 
@@ -21,6 +23,8 @@ import torch.nn.functional as F
 __all__ = [
     "spatial_ndim",
     "identity_grid",
+    "normalised_grid",
+    "normalised_to_voxels",
     "warp",
     "warp_labels",
     "rescale_voxel_vectors",
@@ -48,6 +52,19 @@ def identity_grid(shape: Sequence[int], device=None, dtype=torch.float32) -> tor
     """Voxel coordinates ``[1, ndim, *shape]`` in array-axis order (channel c holds the index along axis c)."""
     axes = [torch.arange(n, device=device, dtype=dtype) for n in shape]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).unsqueeze(0)
+
+
+def normalised_grid(shape: Sequence[int], device=None, dtype=torch.float32) -> torch.Tensor:
+    """``[1, ndim, *shape]`` normalised coordinates (channel c along array axis c; an axis of one voxel is 0)."""
+    axes = [torch.linspace(-1.0, 1.0, n, device=device, dtype=dtype) if n > 1 else
+            torch.zeros(1, device=device, dtype=dtype) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).unsqueeze(0)
+
+
+def normalised_to_voxels(values: torch.Tensor, shape: Sequence[int], points: bool = False) -> torch.Tensor:
+    """``[..., ndim]`` normalised vectors (or, with ``points``, positions) in voxels of a grid of ``shape``."""
+    half = torch.tensor([(n - 1) / 2 for n in shape], device=values.device, dtype=values.dtype)
+    return (values + 1) * half if points else values * half
 
 
 def _voxels_to_grid_sample(points: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

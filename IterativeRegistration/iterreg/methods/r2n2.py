@@ -26,7 +26,7 @@ from .base import Prompts, Step, standard_step_metrics
 from .learned import LearnedIterativeMethod, WorkingGrid, WorkingGridOptions
 from ..errors import InputError
 from ..networks.r2n2 import R2N2Config, R2N2Network, gaussian_displacement
-from ..spatial import spatial_ndim, warp
+from ..spatial import normalised_to_voxels, spatial_ndim, warp
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,6 @@ class R2N2Method(LearnedIterativeMethod):
         fixed, moving, grid, start = self._prepare(fixed, moving, prompts, init)
         fixed_w, moving_w = grid.image_down(fixed), grid.image_down(moving)
         nd = spatial_ndim(fixed)
-        half = torch.tensor([(n - 1) / 2 for n in grid.image_shape])
         displacement = init.to(self.device, torch.float32) if init is not None else None
         previous = start
         with torch.no_grad():
@@ -143,11 +142,12 @@ class R2N2Method(LearnedIterativeMethod):
                 local, _ = gaussian_displacement(g, grid.image_shape)  # exact on the image grid
                 displacement = local if displacement is None else displacement + local
                 extra = {"confidence": float(state.confidences.sum())}
-                center = (g.center[0].cpu() + 1) * half
+                center = normalised_to_voxels(g.center[0].cpu(), grid.image_shape, points=True)
+                weight = normalised_to_voxels(g.weight[0].cpu(), grid.image_shape)
                 for k in range(nd):
                     extra[f"center_{k}"] = float(center[k])
                     extra[f"sigma_{k}"] = float(g.sigma[0, k])
-                    extra[f"weight_{k}"] = float(g.weight[0, k] * half[k])
+                    extra[f"weight_{k}"] = float(weight[k])
                 angles = torch.rad2deg(g.angles[0]).tolist()
                 extra.update({"rotation": angles[0]} if nd == 2 else {f"rotation_{k}": a for k, a in enumerate(angles)})
                 channels = {"local_deformation": state.local[0], "gaussian": state.profile[0],

@@ -10,8 +10,7 @@ stride-2 convolution) at 1/2, 1/4 and 1/8 resolution, and a parameter network.
   confidence w = 2 - sum |p_l - p_r|; the position is the confidence-weighted mean over the three levels.
 - Parameter network (Eq. 18): convolution, half the maps gated by a spatial soft-max of the other half,
   pooled to 1x1, a hidden layer, then sigma = sigmoid * sigma_max, v = tanh, rotation = sigmoid * pi.
-Coordinates are normalised to [-1, 1] per array axis (corner voxel centres, like grid_sample with
-align_corners=True), so sigma_max and v are fractions of the half-extent of the image, as in the paper; the
+Coordinates are normalised to [-1, 1] per array axis (:mod:`iterreg.spatial`'s convention), so sigma_max and v are fractions of the half-extent of the image, as in the paper; the
 parameters describe the transform independently of the grid it is evaluated on (``gaussian_displacement``).
 
 3D (beyond the paper): three widths, a rotation from three angles (sigmoid * pi each; R = R_0(a) R_1(b) R_2(c)
@@ -26,11 +25,11 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from ..spatial import warp
+from ..spatial import normalised_grid, normalised_to_voxels, warp
 from .config import DictConfig
 from .unet import ConvGRU
 
-__all__ = ["R2N2Config", "R2N2Network", "R2N2State", "gaussian_displacement", "normalised_grid"]
+__all__ = ["R2N2Config", "R2N2Network", "R2N2State", "gaussian_displacement"]
 
 
 @dataclass(frozen=True)
@@ -62,13 +61,6 @@ class R2N2Config(DictConfig):
 
     def step_weights(self, count: int) -> list[float]:
         return [1.0 / count] * count  # paper Eq. 6: the mean over steps
-
-
-def normalised_grid(shape: Sequence[int], device=None, dtype=torch.float32) -> torch.Tensor:
-    """``[1, ndim, *shape]`` coordinates in [-1, 1] per array axis (corner voxel centres at -1 and 1)."""
-    axes = [torch.linspace(-1.0, 1.0, n, device=device, dtype=dtype) if n > 1 else
-            torch.zeros(1, device=device, dtype=dtype) for n in shape]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).unsqueeze(0)
 
 
 def rotation_matrix(angles: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -106,8 +98,7 @@ def gaussian_displacement(g: LocalDeformation, shape: Sequence[int]) -> tuple[to
     rotation = rotation_matrix(g.angles, nd)  # [B, nd, nd]
     local = torch.einsum("bji,bj...->bi...", rotation, offset)  # R^T d: coordinates along the Gaussian's axes
     profile = torch.exp(-0.5 * ((local / g.sigma.reshape(*g.sigma.shape, *([1] * nd))) ** 2).sum(1, keepdim=True))
-    half_extent = torch.tensor([(n - 1) / 2 for n in shape], device=g.weight.device, dtype=g.weight.dtype)
-    displacement = profile * (g.weight * half_extent).reshape(*g.weight.shape, *([1] * nd))
+    displacement = profile * normalised_to_voxels(g.weight, shape).reshape(*g.weight.shape, *([1] * nd))
     return displacement, profile
 
 

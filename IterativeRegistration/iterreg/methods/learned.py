@@ -109,7 +109,7 @@ class NetworkMethod(RegistrationMethod):
 
 
 class LearnedIterativeMethod(NetworkMethod):
-    """Shared by RIIR and DEQReg: training hooks, working grid, warm start.
+    """Shared by RIIR, DEQReg, IIRP-Net and R2N2: training hooks, working grid, warm start.
     A subclass names its network and config classes; the network's ``forward(fixed, moving)`` returns the
     working-grid displacements the training loss sums over, and its config has ``step_weights(count)``."""
     network_class: ClassVar[type]

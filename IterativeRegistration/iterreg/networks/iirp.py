@@ -21,7 +21,6 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..spatial import compose, resize_displacement, warp
 from .config import DictConfig

@@ -16,7 +16,8 @@ from .atomic import atomic_file
 from .errors import InputError
 from .geometry import LPS_TO_RAS_3D
 
-__all__ = ["read_landmarks", "write_markups_json", "pair_landmarks", "check_inside", "landmarks_on_fixed_grid"]
+__all__ = ["read_landmarks", "write_markups_json", "pair_landmarks", "check_landmark_pairs", "check_inside",
+           "landmarks_on_fixed_grid"]
 
 
 def read_landmarks(path: str | os.PathLike, role: str) -> tuple[np.ndarray, list[str]]:
@@ -111,6 +112,23 @@ def pair_landmarks(fixed: tuple[np.ndarray, list[str]], moving: tuple[np.ndarray
     return pf, pm, lf
 
 
+def check_landmark_pairs(fixed: np.ndarray, moving: np.ndarray, labels: list[str]) -> None:
+    """Paired points (any coordinates) must be finite and not repeat: a repeated pair says nothing new, and one
+    fixed point with two different partners asks for the impossible. Errors name the point."""
+    fixed, moving = np.asarray(fixed, float), np.asarray(moving, float)
+    for role, points in (("fixed", fixed), ("moving", moving)):
+        bad = np.flatnonzero(~np.all(np.isfinite(points), axis=1))
+        if len(bad):
+            raise InputError(f"{role} landmark '{labels[bad[0]]}' has a non-finite coordinate; re-place or delete it")
+    for i in range(len(fixed)):
+        for j in range(i):
+            if np.allclose(fixed[i], fixed[j], atol=1e-6):
+                if np.allclose(moving[i], moving[j], atol=1e-6):
+                    raise InputError(f"landmark pair '{labels[i]}' duplicates pair '{labels[j]}'; delete one of them")
+                raise InputError(f"fixed landmark '{labels[i]}' is also fixed landmark '{labels[j]}' but their moving "
+                                 "partners differ; one point cannot map to two places: move or delete one pair")
+
+
 def check_inside(points_voxels: np.ndarray, labels: list[str], geometry, role: str) -> None:
     """Every landmark must fall inside the grid it refers to."""
     inside = geometry.contains_array_index(points_voxels)
@@ -131,6 +149,7 @@ def landmarks_on_fixed_grid(fixed_geometry, moving_geometry, fixed_ras: np.ndarr
         raise InputError(f"{len(fixed_ras)} fixed but {len(moving_ras)} moving landmarks; every fixed point "
                          "needs one moving partner")
     labels = labels or [str(i + 1) for i in range(len(fixed_ras))]
+    check_landmark_pairs(fixed_ras, moving_ras, labels)
     fixed_vox = fixed_geometry.ras_to_array_index(fixed_ras)
     check_inside(fixed_vox, labels, fixed_geometry, "fixed")
     check_inside(moving_geometry.ras_to_array_index(moving_ras), labels, moving_geometry, "moving")

@@ -285,7 +285,7 @@ def _load_inputs(job: Job):
     if job.fixed_landmarks_ras or job.moving_landmarks_ras:
         fixed_vox, moving_vox = landmarks_on_fixed_grid(
             fixed_geometry, moving_geometry, np.asarray(job.fixed_landmarks_ras or [], float).reshape(-1, 3),
-            np.asarray(job.moving_landmarks_ras or [], float).reshape(-1, 3))
+            np.asarray(job.moving_landmarks_ras or [], float).reshape(-1, 3), job.landmark_labels)
         prompts = (torch.tensor(fixed_vox, dtype=torch.float32), torch.tensor(moving_vox, dtype=torch.float32))
     init = None
     if job.has_init:

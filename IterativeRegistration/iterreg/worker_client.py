@@ -56,6 +56,7 @@ class RunRequest:
     options: dict = field(default_factory=dict)
     fixed_landmarks_ras: np.ndarray | None = None
     moving_landmarks_ras: np.ndarray | None = None
+    landmark_labels: list | None = None  # names of the pairs (markups labels), used in error messages
     prompt_weight: float = 1.0
     init_displacement: np.ndarray | None = None  # [ndim, *fixed shape] voxels of the fixed grid
     channels: dict | None = None  # name -> map indices or "all"; None: first 4 maps of every channel
@@ -298,7 +299,8 @@ class WorkerClient:
         landmarks = {}
         if req.fixed_landmarks_ras is not None or req.moving_landmarks_ras is not None:
             landmarks = {"fixed_landmarks_ras": np.asarray(req.fixed_landmarks_ras, float).reshape(-1, 3).tolist(),
-                         "moving_landmarks_ras": np.asarray(req.moving_landmarks_ras, float).reshape(-1, 3).tolist()}
+                         "moving_landmarks_ras": np.asarray(req.moving_landmarks_ras, float).reshape(-1, 3).tolist(),
+                         "landmark_labels": None if req.landmark_labels is None else list(req.landmark_labels)}
         return Job(method=req.method, folder=str(folder), fixed_geometry=dict(req.fixed_geometry),
                    moving_geometry=dict(req.moving_geometry), steps=req.steps, checkpoint=req.checkpoint,
                    device=req.device, threads=req.threads, options=dict(req.options or {}),

@@ -55,6 +55,7 @@ class Job:
     options: dict = field(default_factory=dict)
     fixed_landmarks_ras: list | None = None  # [[r, a, s], ...] paired by index with moving_landmarks_ras
     moving_landmarks_ras: list | None = None
+    landmark_labels: list | None = None  # names of the pairs, for messages
     prompt_weight: float = 1.0
     has_init: bool = False
     has_labels: bool = False

@@ -5,6 +5,7 @@ from ..errors import InputError
 from .base import MethodOptions, Prompts, RegistrationMethod, Step
 from .classical import ClassicalMethod
 from .deqreg import DEQRegMethod
+from .dio import DIOMethod
 from .identity import IdentityMethod
 from .iirp import IIRPMethod
 from .r2n2 import R2N2Method
@@ -15,7 +16,7 @@ __all__ = ["available_methods", "get_method", "register_method", "Step", "Prompt
 
 _METHODS: dict[str, type[RegistrationMethod]] = {m.name: m for m in (IdentityMethod, ClassicalMethod,
                                                                      VoxelMorphMethod, RIIRMethod, DEQRegMethod,
-                                                                     IIRPMethod, R2N2Method)}
+                                                                     IIRPMethod, R2N2Method, DIOMethod)}
 
 
 def available_methods() -> dict[str, type[RegistrationMethod]]:

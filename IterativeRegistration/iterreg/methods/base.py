@@ -18,7 +18,7 @@ import torch
 from .. import losses
 from ..errors import InputError
 from ..metrics import folding_percent
-from ..spatial import resize_displacement, resize_image, spatial_ndim
+from ..spatial import resize_displacement, resize_image, spatial_ndim, vector_length
 
 __all__ = ["Step", "Prompts", "RegistrationMethod", "MethodOptions", "standard_step_metrics"]
 
@@ -195,7 +195,7 @@ def standard_step_metrics(fixed: torch.Tensor, warped: torch.Tensor, displacemen
     always computed on the full grid by the pipeline.
     """
     change = displacement if previous is None else displacement - previous
-    update_norm = float(change.norm(dim=1).max())
+    update_norm = float(vector_length(change).max())
     fixed, warped, displacement = _monitor_grid(fixed, warped, displacement)
     return {
         "similarity": float(losses.similarity_loss(similarity, fixed, warped, **(similarity_kwargs or {}))),

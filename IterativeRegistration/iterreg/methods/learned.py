@@ -16,7 +16,7 @@ import torch
 from .base import MethodOptions, RegistrationMethod, Step, standard_step_metrics
 from ..checkpoints import read_checkpoint
 from ..errors import InputError
-from ..spatial import resize_displacement, resize_image, rescale_voxel_vectors, spatial_ndim, warp
+from ..spatial import resize_displacement, resize_image, rescale_voxel_vectors, spatial_ndim, vector_length, warp
 
 __all__ = ["load_network", "WorkingGrid", "working_shape", "WorkingGridOptions", "NetworkMethod",
            "LearnedIterativeMethod"]
@@ -172,7 +172,7 @@ class LearnedIterativeMethod(NetworkMethod):
                                         self.similarity_kwargs)
         change = working_u if previous_u is None else working_u - previous_u
         change = rescale_voxel_vectors(change, grid.shape, grid.image_shape)
-        metrics["update_norm"] = float(change.norm(dim=1).max())
+        metrics["update_norm"] = float(vector_length(change).max())
         metrics.update(extra or {})
         return Step(index, displacement, lambda: warp(moving, displacement), metrics, channels=channels,
                     phase=phase, final=final)

@@ -1,0 +1,216 @@
+"""DIO (Jena et al., 2024): learned feature images registered by an optimization layer, promptable at test time.
+
+The feature network (:mod:`iterreg.networks.dio`) sees each image alone; the optimization layer
+(:mod:`iterreg.feature_optimizer`) registers the moving features to the fixed ones coarse to fine. Every
+optimizer iteration is one streamed step: metrics ``scale`` (4, 2, 1: the feature scale of the working grid),
+``iteration`` (within the scale), ``feature_loss``, ``prompt_distance_mm`` (mean distance of the prompted
+landmark pairs, when given), ``label_loss`` (1 - Dice of the prompted labels, when given) and the standard ones;
+channels ``fixed_features`` and ``warped_moving_features`` (the scale's feature images) and
+``feature_difference`` (their squared difference summed over channels: where the optimizer still works).
+
+Options chosen per run, on the same checkpoint (paper §4.4): ``representation`` free-form, diffeomorphic
+(compositive) or svf (stationary velocity, scaling and squaring). A run given a starting field (``init``, a
+refinement) optimises a correction on top of it at ``refine_scales`` only, so prompts refine the previous
+result instead of starting again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from .base import Prompts, Step, standard_step_metrics
+from .learned import LearnedIterativeMethod, WorkingGrid, WorkingGridOptions
+from ..errors import InputError
+from ..feature_optimizer import REPRESENTATIONS, FieldPrompts, SolverSettings, combine, differentiable_steps, \
+    optimise, scaled_points, to_displacement
+from ..networks.dio import DIOConfig, FeatureNetwork
+from ..spatial import rescale_voxel_vectors, resize_displacement, resize_image, spatial_ndim, vector_length, warp
+
+
+@dataclass(frozen=True)
+class DIOOptions(WorkingGridOptions):
+    representation: str = "freeform"  # freeform | diffeomorphic | svf
+    iterations: tuple = (200, 100, 50)  # per scale, coarse to fine (paper / public code)
+    learning_rate: float = 1.0  # largest update per iteration, half voxels of the scale
+    grad_sigma: float = 1.0
+    warp_sigma: float = 0.5
+    tolerance: float = 1e-3
+    patience: int = 4
+    prompt_weight: float = 1.0  # 0..1: how far the features yield to the landmarks at a prompted point
+    prompt_radius_mm: float = 20.0  # how far a landmark's pull reaches (Gaussian sigma)
+    label_weight: float = 1.0  # weight of the label prompt (1 - Dice) next to the feature loss
+    refine_scales: tuple = (2,)  # scales a warm-started run (a refinement) optimises: the prompts' pull is
+    # smooth (prompt_radius_mm), so the half-resolution grid carries it at an eighth of the cost (3D)
+
+    def check(self) -> None:
+        super().check()
+        if self.representation not in REPRESENTATIONS:
+            raise InputError(f"unknown representation '{self.representation}'; choose {', '.join(REPRESENTATIONS)}")
+        if not self.iterations or any(int(n) < 1 for n in self.iterations):
+            raise InputError(f"iterations must be >= 1 per scale, got {list(self.iterations)}")
+        if self.learning_rate <= 0 or self.grad_sigma < 0 or self.warp_sigma < 0:
+            raise InputError("learning_rate must be > 0 and grad_sigma, warp_sigma >= 0")
+        if self.tolerance < 0 or self.patience < 1:
+            raise InputError("tolerance must be >= 0 and patience >= 1")
+        if self.prompt_weight < 0 or self.prompt_radius_mm <= 0 or self.label_weight < 0:
+            raise InputError("prompt_weight and label_weight must be >= 0 and prompt_radius_mm > 0")
+        if not self.refine_scales:
+            raise InputError("refine_scales needs at least one feature scale")
+
+
+class DIOMethod(LearnedIterativeMethod):
+    name = "dio"
+    title = "DIO (learned features + optimization layer, promptable)"
+    description = ("A network turns each image into feature images; an optimizer registers them coarse to fine. "
+                   "Free-form or diffeomorphic at run time; landmark and label prompts refine the result.")
+    default_steps = 350
+    max_steps = 5000
+    needs_checkpoint = True
+    Options = DIOOptions
+    network_class, config_class = FeatureNetwork, DIOConfig
+
+    @staticmethod
+    def predict(network, fixed: torch.Tensor, moving: torch.Tensor) -> list[torch.Tensor]:
+        """The optimum of every scale on the image grid, differentiable in the network's weights through
+        Jacobian-free backprop (the optimum itself is found without gradients)."""
+        config = network.config
+        grid = WorkingGrid.for_images(fixed, config.working_scale)
+        fixed_features = network(grid.image_down(fixed))
+        moving_features = network(grid.image_down(moving))
+        settings = SolverSettings(representation=config.train_representation,
+                                  iterations=tuple(config.train_iterations))
+        outputs = []
+        for state in optimise(fixed_features, moving_features, settings, grid.shape, scales=config.scales):
+            if state.last_at_scale:
+                k = state.scale_index
+                u = differentiable_steps(fixed_features[k], moving_features[k], state.variable, settings,
+                                         config.jfb_steps)
+                outputs.append(grid.displacement_up(resize_displacement(u, grid.shape)))
+        return outputs
+
+    # --- inference --------------------------------------------------------------------------------------------
+    def _settings(self, scales: list[int], steps: int) -> tuple[SolverSettings, list[int]]:
+        opts, all_scales = self.options, list(self.network.config.scales)
+        if len(opts.iterations) != len(all_scales):
+            raise InputError(f"iterations needs {len(all_scales)} counts (scales {all_scales}), "
+                             f"got {list(opts.iterations)}")
+        counts = [int(opts.iterations[all_scales.index(s)]) for s in scales]
+        if sum(counts) > steps:  # the step budget caps the iterations, shared in proportion
+            counts = [max(1, int(c * steps / sum(counts))) for c in counts]
+        settings = SolverSettings(opts.representation, tuple(counts), opts.learning_rate, opts.grad_sigma,
+                                  opts.warp_sigma, opts.tolerance, opts.patience)
+        return settings, counts
+
+    def _field_prompts(self, prompts: Prompts | None, fixed: torch.Tensor, grid: WorkingGrid) -> FieldPrompts | None:
+        if prompts is None:
+            return None
+        points = {}
+        if prompts.fixed_points is not None:
+            fixed_points, moving_points = (torch.as_tensor(p, dtype=torch.float32) for p in
+                                           (prompts.fixed_points, prompts.moving_points))
+            nd = spatial_ndim(fixed)
+            if fixed_points.shape != moving_points.shape or fixed_points.dim() != 2 or fixed_points.shape[1] != nd:
+                raise InputError(f"landmark prompts must be two [N, {nd}] arrays of paired points, got "
+                                 f"{list(fixed_points.shape)} and {list(moving_points.shape)}")
+            if not (torch.isfinite(fixed_points).all() and torch.isfinite(moving_points).all()):
+                raise InputError("a landmark prompt has a non-finite coordinate; remove or re-place that point")
+            spacing = list(prompts.spacing) if prompts.spacing is not None else [1.0] * nd
+            working_spacing = [sp * max(n - 1, 1) / max(w - 1, 1)
+                               for sp, n, w in zip(spacing, grid.image_shape, grid.shape)]
+            points = dict(fixed_points=scaled_points(fixed_points, grid.image_shape, grid.shape),
+                          moving_points=scaled_points(moving_points, grid.image_shape, grid.shape),
+                          spacing=working_spacing)
+        labels = {}
+        if prompts.fixed_labels is not None or prompts.moving_labels is not None:
+            if prompts.fixed_labels is None or prompts.moving_labels is None:
+                raise InputError("label prompts need both a fixed and a moving label map")
+            labels = dict(fixed_labels=_nearest(prompts.fixed_labels, grid.shape),
+                          moving_labels=_nearest(prompts.moving_labels, grid.shape),
+                          label_weight=self.options.label_weight)
+        return FieldPrompts(weight=prompts.weight * self.options.prompt_weight,
+                            radius_mm=self.options.prompt_radius_mm, **points, **labels)
+
+    def run(self, fixed, moving, steps=None, prompts: Prompts | None = None,
+            init: torch.Tensor | None = None) -> Iterator[Step]:
+        steps = self.check_inputs(fixed, moving, steps)
+        fixed, moving = fixed.to(self.device), moving.to(self.device)
+        grid = WorkingGrid.for_images(fixed, self.network.config.working_scale,
+                                      self.options.working_size or self.trained_working_size)
+        all_scales = list(self.network.config.scales)
+        scales = all_scales
+        base_image = base = None
+        if init is not None:
+            if tuple(init.shape) != (1, spatial_ndim(fixed), *fixed.shape[2:]):
+                raise InputError(f"the starting displacement must be [1, {spatial_ndim(fixed)}, "
+                                 f"{', '.join(map(str, fixed.shape[2:]))}], got {list(init.shape)}")
+            unknown = [s for s in self.options.refine_scales if s not in all_scales]
+            if unknown:
+                raise InputError(f"refine_scales {list(self.options.refine_scales)} are not scales of this "
+                                 f"checkpoint ({all_scales})")
+            scales = [s for s in all_scales if s in self.options.refine_scales]
+            base_image = init.to(self.device, torch.float32)
+            base = grid.displacement_down(base_image)
+        settings, _ = self._settings(scales, steps)
+        field_prompts = self._field_prompts(prompts, fixed, grid)
+        fixed_w, moving_w = grid.image_down(fixed), grid.image_down(moving)
+        with torch.no_grad():
+            fixed_features = self.network(fixed_w)
+            moving_features = self.network(moving_w)
+        keep = [all_scales.index(s) for s in scales]
+        fixed_features = [fixed_features[k] for k in keep]
+        moving_features = [moving_features[k] for k in keep]
+        rep = settings.representation
+        previous, index = None, 0
+        monitor = {}  # per scale: the images the step metrics are computed on (the scale's grid)
+        states = optimise(fixed_features, moving_features, settings, grid.shape, field_prompts, base, scales)
+        for state in states:
+            with torch.no_grad():
+                k = state.scale_index
+                shape = tuple(state.displacement.shape[2:])
+                if k not in monitor:
+                    monitor[k] = (resize_image(fixed_w, shape), resize_image(moving_w, shape))
+                    previous = None if previous is None else resize_displacement(previous, shape)
+                fixed_s, moving_s = monitor[k]
+                correction = to_displacement(state.variable, rep, settings.squarings)
+                displacement = grid.displacement_up(resize_displacement(correction, grid.shape))
+                if base_image is not None:  # keep the previous result's full-resolution detail
+                    displacement = combine(displacement, base_image, rep)
+                # Metrics on the scale's grid, where the optimizer works: hundreds of iterations are streamed,
+                # and at the coarse scales these cost next to nothing (at 64^3 per step they cost as much as
+                # the optimizer's own iteration).
+                metrics = standard_step_metrics(fixed_s, warp(moving_s, state.displacement), state.displacement,
+                                                None, self.similarity, self.similarity_kwargs)
+                change = state.displacement if previous is None else state.displacement - previous
+                metrics["update_norm"] = float(vector_length(rescale_voxel_vectors(change, shape, grid.image_shape))
+                                               .max())
+                metrics.update(scale=float(state.scale), iteration=float(state.iteration),
+                               feature_loss=state.feature_loss)
+                if field_prompts is not None and field_prompts.has_points:
+                    metrics["prompt_distance_mm"] = state.prompt_distance_mm
+                if field_prompts is not None and field_prompts.has_labels:
+                    metrics["label_loss"] = state.label_loss
+                difference = ((state.warped_features - fixed_features[k]) ** 2).sum(1)
+                channels = {"fixed_features": fixed_features[k][0], "warped_moving_features": state.warped_features[0],
+                            "feature_difference": difference}
+                phase = (f"scale 1/{state.scale} ({k + 1}/{len(scales)}), iteration {state.iteration}"
+                         + (": converged" if state.converged else ""))
+                final = state.last_at_scale and k == len(scales) - 1
+                step = Step(index, displacement, _warp_later(moving, displacement), metrics, channels=channels,
+                            phase=phase, final=final)
+            yield step
+            previous, index = state.displacement, index + 1
+
+
+def _warp_later(moving, displacement):
+    return lambda: warp(moving, displacement)
+
+
+def _nearest(labels: torch.Tensor, shape) -> torch.Tensor:
+    """An integer label map on another grid of the same field of view (nearest neighbour)."""
+    labels = torch.as_tensor(labels)
+    if tuple(labels.shape[2:]) == tuple(shape):
+        return labels
+    mode = "nearest-exact"
+    return torch.nn.functional.interpolate(labels.float(), size=tuple(shape), mode=mode).round().long()

@@ -1,0 +1,226 @@
+"""DIO: learned features registered by an optimization layer, with landmark and label prompts (issue 8).
+
+Specification: the feature network sees one image at a time and gives feature images at scales 4, 2, 1 in 2D
+and 3D (U-Net, encoder-only and large-kernel variants); the optimization layer recovers a known displacement
+of feature images; the representation (free-form, diffeomorphic, svf) is chosen per run on one checkpoint;
+training reaches every weight through Jacobian-free backprop; landmark prompts pull the prompted points
+together step by step; a warm-started run continues from the given field; bad prompts are refused with the
+point named; runs stream through the real worker.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from iterreg.errors import InputError
+from iterreg.feature_optimizer import FieldPrompts, SolverSettings, optimise
+from iterreg.methods import Prompts, get_method
+from iterreg.metrics import folding_percent
+from iterreg.networks.dio import DIOConfig, FeatureNetwork
+from iterreg.spatial import gaussian_smooth, invert_displacement, resize_displacement, resize_image, warp
+
+from test_riir_deqreg import SHAPES, checkpoint, pair
+
+
+def smooth_features(shape, channels=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return gaussian_smooth(torch.rand(1, channels, *shape, generator=generator), 2.0)
+
+
+def pyramid(image, scales=(4, 2, 1)):
+    shape = image.shape[2:]
+    return [resize_image(image, [-(-n // s) for n in shape]) for s in scales]
+
+
+def known_shift(shape):
+    """A smooth displacement of about two voxels, and feature images related by it."""
+    truth = torch.zeros(1, len(shape), *shape)
+    truth[:, 0], truth[:, 1] = 2.0, -1.5
+    truth = gaussian_smooth(truth, 5.0)
+    fixed = smooth_features(shape)
+    moving = warp(fixed, invert_displacement(truth))  # moving(x + truth(x)) = fixed(x)
+    return fixed, moving, truth
+
+
+# --- the feature network -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("variant, kernel", [("unet", "standard"), ("encoder", "standard"), ("unet", "large")])
+def test_the_feature_network_gives_feature_images_at_every_scale_of_one_image(ndim, variant, kernel):
+    shape = SHAPES[ndim]
+    network = FeatureNetwork(DIOConfig(ndim=ndim, variant=variant, kernel=kernel, feature_channels=6))
+    maps = network(torch.rand(1, 1, *shape))
+    assert [tuple(m.shape) for m in maps] == [(1, 6, *[-(-n // s) for n in shape]) for s in (4, 2, 1)]
+    other = network(torch.rand(1, 1, *[n + 5 for n in shape]))  # each image alone: any size works
+    assert other[-1].shape[2:] == tuple(n + 5 for n in shape)
+
+
+def test_training_reaches_every_weight_through_the_optimum_by_jacobian_free_backprop():
+    fixed, moving = pair(2)
+    torch.manual_seed(0)
+    network = FeatureNetwork(DIOConfig(ndim=2, channels=(8, 8, 8, 8), feature_channels=4,
+                                       train_iterations=(5, 5, 5), jfb_steps=2))
+    displacements = get_method("dio").predict(network, fixed, moving)
+    assert len(displacements) == 3 and all(u.shape == (1, 2, *SHAPES[2]) for u in displacements)
+    sum(((warp(moving, u) - fixed) ** 2).mean() for u in displacements).backward()
+    missing = [name for name, p in network.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+# --- the optimization layer ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("representation", ["freeform", "diffeomorphic", "svf"])
+def test_the_optimizer_recovers_a_known_displacement_of_feature_images(representation):
+    fixed, moving, truth = known_shift((64, 64))
+    states = list(optimise(pyramid(fixed), pyramid(moving), SolverSettings(representation=representation),
+                           (64, 64)))
+    inner = (slice(None), slice(None), slice(8, -8), slice(8, -8))
+    error = (states[-1].displacement - truth)[inner].norm(dim=1).mean()
+    assert float(error) < 0.4 < float(truth[inner].norm(dim=1).mean()) / 5  # from ~2.5 voxels to < 0.4
+    assert [s.scale for s in states][0] == 4 and states[-1].scale == 1
+    first = [s.feature_loss for s in states if s.scale_index == 0]
+    assert first[-1] < 0.2 * first[0]  # the objective really went down
+
+
+def test_a_scale_stops_when_its_objective_stops_decreasing():
+    fixed, moving, _ = known_shift((32, 32))
+    settings = SolverSettings(iterations=(400, 400, 400), tolerance=1e-2, patience=3)
+    states = list(optimise(pyramid(fixed), pyramid(moving), settings, (32, 32)))
+    ends = [s for s in states if s.last_at_scale]
+    assert len(ends) == 3 and all(s.converged and s.iteration < 400 for s in ends)
+
+
+@pytest.mark.parametrize("representation", ["diffeomorphic", "svf"])
+def test_the_diffeomorphic_representations_do_not_fold(representation):
+    fixed, moving, _ = known_shift((64, 64))
+    moving = moving * (1 + 0.5 * smooth_features((64, 64), channels=1, seed=5))  # features that disagree
+    final = list(optimise(pyramid(fixed), pyramid(moving), SolverSettings(representation=representation),
+                          (64, 64)))[-1]
+    assert folding_percent(final.displacement) == 0
+
+
+def test_a_landmark_prompt_pulls_its_points_together_step_by_step():
+    shape = (40, 40)
+    flat = [torch.zeros(1, 2, *[-(-n // s) for n in shape]) for s in (4, 2, 1)]  # features carry no signal
+    fixed_points = torch.tensor([[12.0, 14.0], [28.0, 25.0]])
+    moving_points = fixed_points + torch.tensor([[3.0, -2.0], [-2.5, 1.5]])
+    prompts = FieldPrompts(fixed_points, moving_points, spacing=(1.0, 1.0), weight=1.0, radius_mm=6.0)
+    states = list(optimise(flat, flat, SolverSettings(iterations=(30, 30, 30), tolerance=0), shape, prompts))
+    distances = [s.prompt_distance_mm for s in states]
+    assert distances[0] == pytest.approx(float((moving_points - fixed_points).norm(dim=1).mean()), rel=1e-4)
+    for k in range(3):  # monotonically closer at each scale; upsampling the field between scales may move the
+        at_scale = [s.prompt_distance_mm for s in states if s.scale_index == k]  # points by hundredths
+        assert all(b <= a + 1e-4 for a, b in zip(at_scale, at_scale[1:]))
+    assert max(b - a for a, b in zip(distances, distances[1:])) < 0.05
+    u = states[-1].displacement
+    from iterreg.spatial import sample_displacement_at
+    assert float((fixed_points + sample_displacement_at(u, fixed_points) - moving_points).norm(dim=1).max()) < 0.1
+    assert folding_percent(u) == 0
+
+
+def test_a_label_prompt_enters_the_objective():
+    shape = (32, 32)
+    flat = [torch.zeros(1, 2, *[-(-n // s) for n in shape]) for s in (4, 2, 1)]
+    fixed_labels = torch.zeros(1, 1, *shape, dtype=torch.long)
+    fixed_labels[:, :, 10:20, 10:20] = 1
+    moving_labels = torch.roll(fixed_labels, shifts=3, dims=3)
+    prompts = FieldPrompts(fixed_labels=fixed_labels, moving_labels=moving_labels)
+    states = list(optimise(flat, flat, SolverSettings(iterations=(20, 20, 20)), shape, prompts))
+    assert states[-1].label_loss < 0.5 * states[0].label_loss
+    assert float(states[-1].displacement[:, 1, 12:18, 12:18].mean()) == pytest.approx(3.0, abs=0.7)
+
+
+def test_a_warm_started_run_continues_from_the_given_field():
+    fixed, moving, truth = known_shift((32, 32))
+    states = list(optimise(pyramid(fixed)[1:], pyramid(moving)[1:], SolverSettings(iterations=(3, 3)), (32, 32),
+                           base=truth))
+    first = states[0].displacement
+    torch.testing.assert_close(first, resize_displacement(truth, first.shape[2:]), atol=0.55, rtol=0)  # one step
+    assert float(states[0].variable.abs().max()) <= 0.5 + 1e-6  # the correction moved at most half a voxel
+
+
+# --- the method ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def dio(tmp_path):
+    path = checkpoint(tmp_path, "dio", 2, channels=[8, 8, 8, 8], feature_channels=4)
+    return path
+
+
+def test_one_checkpoint_runs_free_form_and_diffeomorphic_without_retraining(dio):
+    fixed, moving = pair(2)
+    results = {}
+    for representation in ("freeform", "diffeomorphic", "svf"):
+        method = get_method("dio").create(dio, options={"representation": representation,
+                                                        "iterations": [20, 20, 10]})
+        steps = list(method.run(fixed, moving))
+        assert steps[-1].final and all(not s.final for s in steps[:-1])
+        before, after = (float(((warp(moving, u) - fixed) ** 2).mean()) for u in (0 * steps[0].displacement,
+                                                                                  steps[-1].displacement))
+        assert after < before
+        assert {"scale", "iteration", "feature_loss", "folding_percent"} <= set(steps[0].metrics)
+        assert set(steps[0].channels) == {"fixed_features", "warped_moving_features", "feature_difference"}
+        results[representation] = steps[-1].displacement
+    assert not torch.allclose(results["freeform"], results["diffeomorphic"])
+
+
+def test_the_method_refines_a_previous_result_with_landmark_prompts(dio):
+    fixed, moving = pair(2)
+    method = get_method("dio").create(dio, options={"iterations": [20, 20, 10], "prompt_radius_mm": 5.0})
+    first = list(method.run(fixed, moving))[-1].displacement
+    fixed_points = torch.tensor([[10.0, 10.0], [25.0, 20.0], [30.0, 8.0]])
+    moving_points = fixed_points + torch.tensor([[2.0, 1.0], [-1.5, 2.0], [1.0, -2.0]])
+    prompts = Prompts(fixed_points, moving_points, spacing=(1.0, 1.0))
+    refined = list(method.run(fixed, moving, prompts=prompts, init=first))
+    assert refined[0].metrics["scale"] == 2  # refinement works at refine_scales only
+    distances = [s.metrics["prompt_distance_mm"] for s in refined]
+    assert distances[-1] < 0.3 * distances[0]
+    assert float((refined[0].displacement - first).abs().mean()) < 0.3 < float(first.abs().mean())  # from there
+
+
+@pytest.mark.parametrize("fixed_points, moving_points, message", [
+    ([[10.0, 10.0]], [[10.0, float("nan")]], "non-finite"),
+    ([[10.0, 10.0], [12.0, 12.0]], [[10.0, 10.0]], "paired points"),
+])
+def test_bad_prompts_are_refused_with_a_clear_message(dio, fixed_points, moving_points, message):
+    fixed, moving = pair(2)
+    method = get_method("dio").create(dio)
+    prompts = Prompts(torch.tensor(fixed_points), torch.tensor(moving_points))
+    with pytest.raises(InputError, match=message):
+        next(method.run(fixed, moving, prompts=prompts))
+
+
+def test_bad_options_are_refused(dio):
+    with pytest.raises(InputError, match="unknown representation"):
+        get_method("dio").create(dio, options={"representation": "bspline"})
+    fixed, moving = pair(2)
+    with pytest.raises(InputError, match="refine_scales"):
+        next(get_method("dio").create(dio, options={"refine_scales": [3]}).run(
+            fixed, moving, init=torch.zeros(1, 2, *SHAPES[2])))
+
+
+# --- landmarks from the scene: pairing and checks name the point ----------------------------------------------
+def test_landmark_checks_name_the_point():
+    from iterreg.landmarks import check_landmark_pairs
+    fixed = np.array([[0.0, 0, 0], [5, 5, 5], [9, 9, 9]])
+    with pytest.raises(InputError, match="'B'.*non-finite"):
+        check_landmark_pairs(fixed, np.array([[0.0, 0, 0], [np.inf, 1, 1], [1, 1, 1]]), ["A", "B", "C"])
+    with pytest.raises(InputError, match="'C' duplicates.*'A'"):
+        check_landmark_pairs(np.array([[0.0, 0, 0], [5, 5, 5], [0, 0, 0]]),
+                             np.array([[1.0, 1, 1], [6, 6, 6], [1, 1, 1]]), ["A", "B", "C"])
+    with pytest.raises(InputError, match="'C'.*also.*'A'"):  # one fixed point, two different partners
+        check_landmark_pairs(np.array([[0.0, 0, 0], [5, 5, 5], [0, 0, 0]]),
+                             np.array([[1.0, 1, 1], [6, 6, 6], [2, 2, 2]]), ["A", "B", "C"])
+
+
+# --- through the real worker ---------------------------------------------------------------------------------
+def test_a_dio_run_with_prompts_streams_every_step_through_the_real_worker(tmp_path, sample_pair, leak_check):
+    from test_worker import request_from, run_client
+    path = checkpoint(tmp_path, "dio", 3, channels=[8, 8, 8, 8], feature_channels=4)
+    request = request_from(sample_pair, "dio", checkpoint=path, steps=12, threads=2,
+                           options={"working_size": 32, "iterations": [4, 4, 4]})
+    request.fixed_landmarks_ras = sample_pair.fixed_landmarks_ras[:5]
+    request.moving_landmarks_ras = sample_pair.moving_landmarks_ras[:5]
+    client, steps = run_client(request, leak_check)
+    assert client.state == "completed", client.failure
+    assert [s.index for s in steps] == list(range(len(steps))) and len(steps) <= 12
+    assert "prompt_distance_mm" in steps[-1].metrics
+    assert steps[-1].metrics["prompt_distance_mm"] < steps[0].metrics["prompt_distance_mm"]

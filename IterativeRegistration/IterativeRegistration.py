@@ -27,6 +27,7 @@ if _HERE not in sys.path:
 
 SIMILARITIES = ("lncc", "mse", "nmi")
 OVERLAYS = ("moving image", "channel")
+REPRESENTATIONS = ("freeform", "diffeomorphic", "svf")
 
 
 class IterativeRegistration(ScriptedLoadableModule):
@@ -52,6 +53,7 @@ class IterativeRegistrationLogic(ScriptedLoadableModuleLogic):
         "Method": "classical", "Steps": "", "Device": "auto", "Checkpoint": "", "Similarity": "lncc",
         "RegularizationWeight": "1.0", "Tolerance": "0.0001", "ChannelVolumes": "true", "Jacobian": "true", "Centres": "true",
         "KeepPrevious": "true", "UsePrompts": "false", "Overlay": "moving image", "Series": "false", "FixedFrame": "0",
+        "Representation": "freeform",
     }
     REFERENCES = ("FixedVolume", "MovingVolume", "FixedLandmarks", "MovingLandmarks")
 
@@ -95,6 +97,8 @@ class IterativeRegistrationLogic(ScriptedLoadableModuleLogic):
                                      ("tolerance", "Tolerance", float)):
             if key in option_names and p(parameter):
                 options[key] = cast(p(parameter))
+        if "representation" in option_names and p("Representation"):
+            options["representation"] = p("Representation")
         if "frame_axis" in option_names and p("Series") == "true":
             # a 2D+t series loads as a volume whose slices (array axis 0, K) are the time frames
             options["frame_axis"], options["fixed_frame"] = 0, int(p("FixedFrame") or 0)
@@ -113,6 +117,27 @@ class IterativeRegistrationLogic(ScriptedLoadableModuleLogic):
         run.start()
         self.runs.append(run)
         return run
+
+    def refine(self, run, settings, fixed_landmarks, moving_landmarks, on_step=None, on_finished=None):
+        """Continue a finished run from its result with the landmarks as prompts (a new run in the scene,
+        replayable on its own); the refined run stays untouched so :meth:`undo_refinement` can go back to it."""
+        from iterreg_slicer.scene_registration import SceneRegistration
+        if not self.method_info(run.settings.method).get("refines"):
+            raise ValueError(f"{run.settings.method} cannot refine a result; use DIO or the classical optimizer.")
+        settings.method, settings.checkpoint = run.settings.method, run.settings.checkpoint
+        refinement = SceneRegistration(slicer.mrmlScene, run.fixed_node, run.moving_node, settings, fixed_landmarks,
+                                       moving_landmarks, command=self.worker_command, on_step=on_step,
+                                       on_finished=on_finished, refine=run)
+        refinement.start()
+        self.runs.append(refinement)
+        return refinement
+
+    def undo_refinement(self, refinement):
+        """Remove a refinement's outputs; the run it refined is the result again (returned)."""
+        parent = refinement.undo()
+        if refinement in self.runs:
+            self.runs.remove(refinement)
+        return parent
 
     @staticmethod
     def missing_dependencies():
@@ -152,10 +177,15 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         if self.logic is None:
             self.logic = IterativeRegistrationLogic()
         self.ui.similarityComboBox.addItems(list(SIMILARITIES))
+        self.ui.representationComboBox.addItems(list(REPRESENTATIONS))
+        for place in (self.ui.fixedPlaceWidget, self.ui.movingPlaceWidget):
+            place.setMRMLScene(slicer.mrmlScene)
+        self.ui.fixedLandmarksSelector.currentNodeChanged.connect(self.ui.fixedPlaceWidget.setCurrentNode)
+        self.ui.movingLandmarksSelector.currentNodeChanged.connect(self.ui.movingPlaceWidget.setCurrentNode)
         self.ui.overlayComboBox.addItems(list(OVERLAYS))
         self._fillMethods()
         for combo in (self.ui.methodComboBox, self.ui.deviceComboBox, self.ui.similarityComboBox,
-                      self.ui.checkpointComboBox):
+                      self.ui.checkpointComboBox, self.ui.representationComboBox):
             combo.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
         self.ui.methodComboBox.currentIndexChanged.connect(self.onMethodChanged)
         self.ui.overlayComboBox.currentIndexChanged.connect(self.onOverlayChanged)
@@ -167,6 +197,8 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             box.toggled.connect(self.updateParameterNodeFromGUI)
         self.ui.runButton.clicked.connect(self.onRun)
         self.ui.cancelButton.clicked.connect(self.onCancel)
+        self.ui.refineButton.clicked.connect(self.onRefine)
+        self.ui.undoRefineButton.clicked.connect(self.onUndoRefine)
         self.ui.checkpointBrowseButton.clicked.connect(self.onBrowseCheckpoint)
         self.ui.stepSlider.valueChanged.connect(self.onStepSlider)
         self.ui.channelIndexSpinBox.valueChanged.connect(self.onChannelChanged)
@@ -236,6 +268,8 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             _selectData(self.ui.methodComboBox, p.GetParameter("Method"))
             _selectData(self.ui.deviceComboBox, p.GetParameter("Device"))
             self.ui.similarityComboBox.currentIndex = max(0, self.ui.similarityComboBox.findText(p.GetParameter("Similarity")))
+            self.ui.representationComboBox.currentIndex = max(
+                0, self.ui.representationComboBox.findText(p.GetParameter("Representation")))
             if p.GetParameter("Steps"):
                 self.ui.stepsSpinBox.value = int(p.GetParameter("Steps"))
             self.ui.regularizationSpinBox.value = float(p.GetParameter("RegularizationWeight"))
@@ -265,6 +299,7 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         p.SetParameter("Steps", str(self.ui.stepsSpinBox.value))
         p.SetParameter("Checkpoint", _currentData(self.ui.checkpointComboBox) or "")
         p.SetParameter("Similarity", self.ui.similarityComboBox.currentText)
+        p.SetParameter("Representation", self.ui.representationComboBox.currentText)
         p.SetParameter("RegularizationWeight", str(self.ui.regularizationSpinBox.value))
         p.SetParameter("Tolerance", str(self.ui.toleranceSpinBox.value))
         p.SetParameter("ChannelVolumes", "true" if self.ui.channelVolumesCheckBox.checked else "false")
@@ -275,6 +310,23 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         p.SetParameter("KeepPrevious", "true" if self.ui.keepPreviousCheckBox.checked else "false")
         p.SetParameter("UsePrompts", "true" if self.ui.promptCheckBox.checked else "false")
         p.EndModify(wasModified)
+        self._observeLandmarks()
+        self.updateRunButton()
+
+    def _observeLandmarks(self):
+        """Placing or deleting a point changes what can run: watch the chosen landmark lists."""
+        events = (slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, slicer.vtkMRMLMarkupsNode.PointRemovedEvent)
+        for node in getattr(self, "_observedLandmarks", []):
+            for event in events:
+                self.removeObserver(node, event, self._onLandmarksChanged)
+        self._observedLandmarks = [n for n in (self.ui.fixedLandmarksSelector.currentNode(),
+                                               self.ui.movingLandmarksSelector.currentNode()) if n is not None]
+        self._observedLandmarks = list(dict.fromkeys(self._observedLandmarks))  # the same list twice: once
+        for node in self._observedLandmarks:
+            for event in events:
+                self.addObserver(node, event, self._onLandmarksChanged)
+
+    def _onLandmarksChanged(self, caller, event):
         self.updateRunButton()
 
     def onMethodChanged(self, *_args):
@@ -295,6 +347,7 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self.ui.checkpointBrowseButton.enabled = info["needs_checkpoint"]
         options = info["options"]
         self.ui.similarityComboBox.enabled = "similarity" in options
+        self.ui.representationComboBox.enabled = "representation" in options
         self.ui.regularizationSpinBox.enabled = "regularization_weight" in options
         self.ui.toleranceSpinBox.enabled = "tolerance" in options
         self.ui.seriesCheckBox.enabled = self.ui.fixedFrameSpinBox.enabled = "frame_axis" in options
@@ -318,6 +371,26 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self.ui.runButton.enabled = problem is None and not running
         self.ui.runButton.toolTip = problem or _("Register the moving volume onto the fixed volume")
         self.ui.cancelButton.enabled = running
+        refine_problem = None if running else self._refineProblem()
+        self.ui.refineButton.enabled = not running and refine_problem is None
+        self.ui.refineButton.toolTip = refine_problem or _(
+            "Continue the last result with the landmark pairs as prompts; each refinement can be undone")
+        refined = self.run is not None and self.run.parent is not None and not running
+        self.ui.undoRefineButton.enabled = refined
+        self.ui.undoRefineButton.toolTip = _("Remove the last refinement and go back to the result it refined") \
+            if refined else _("The last run is not a refinement")
+
+    def _refineProblem(self):
+        """Why "Refine with landmarks" cannot run now, or None."""
+        run = self.run
+        if run is None or run.result_displacement is None:
+            return _("Run a registration first; a refinement continues its result.")
+        if not self.logic.method_info(run.settings.method).get("refines"):
+            return _("{0} cannot refine a result; run DIO or the classical optimizer.").format(run.settings.method)
+        fixed, moving = self.ui.fixedLandmarksSelector.currentNode(), self.ui.movingLandmarksSelector.currentNode()
+        if fixed is None or moving is None:
+            return _("Choose (or create) a fixed and a moving landmark list and place matching points.")
+        return self.logic.input_problem(run.fixed_node, run.moving_node, fixed, moving)
 
     def onBrowseCheckpoint(self):
         path = qt.QFileDialog.getOpenFileName(self.parent, _("Checkpoint"), "", "Checkpoints (*.safetensors)")
@@ -357,6 +430,43 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self.timer.start()
         self.updateRunButton()
 
+    def onRefine(self):
+        from iterreg_slicer.worker_timer import WorkerTimer
+        p = self._parameterNode
+        settings = self.logic.settings_from_parameters(p)
+        settings.steps = self.ui.stepsSpinBox.value
+        settings.channel_index = self.ui.channelIndexSpinBox.value
+        try:
+            self.run = self.logic.refine(self.run, settings, self.ui.fixedLandmarksSelector.currentNode(),
+                                         self.ui.movingLandmarksSelector.currentNode(), on_step=self.onStep,
+                                         on_finished=self.onFinished)
+        except (ValueError, RuntimeError) as exc:
+            self.ui.statusLabel.text = str(exc)
+            return
+        for place in (self.ui.fixedPlaceWidget, self.ui.movingPlaceWidget):
+            place.placeModeEnabled = False  # clicks in the views during the run must not add points
+        self.ui.progressBar.maximum = settings.steps
+        self.ui.progressBar.value = 0
+        self.ui.statusLabel.text = _("Refining with {0} landmark pairs...").format(
+            self.ui.fixedLandmarksSelector.currentNode().GetNumberOfControlPoints())
+        self.ui.stepSlider.enabled = False
+        self.onOverlayChanged()
+        self._showChart()
+        self.timer = WorkerTimer(self.run)
+        self.timer.start()
+        self.updateRunButton()
+
+    def onUndoRefine(self):
+        try:
+            self.run = self.logic.undo_refinement(self.run)
+        except ValueError as exc:
+            self.ui.statusLabel.text = str(exc)
+            return
+        self.ui.statusLabel.text = _("Refinement undone: {0} is the result again.").format(self.run.name)
+        self._showSteps(self.run)
+        self.onOverlayChanged()
+        self.updateRunButton()
+
     def onCancel(self):
         if self.run is not None:
             self.run.cancel()
@@ -372,13 +482,20 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             self.ui.channelComboBox.addItems(list(step.channels))
 
     def onFinished(self, run):
-        self.ui.statusLabel.text = run.message
+        message = run.message
+        before, after = run.summary.get("tre_before_mm"), run.summary.get("tre_after_mm")
+        if before is not None and after is not None and before == before and after == after:  # not NaN
+            message += _(" Landmark distance {0:.2f} mm before, {1:.2f} mm after.").format(before, after)
+        self.ui.statusLabel.text = message
+        self._showSteps(run)
+        self.updateRunButton()
+
+    def _showSteps(self, run):
         browser = run.nodes.get("browser")
+        self.ui.stepSlider.enabled = browser is not None
         if browser is not None:
             self.ui.stepSlider.maximum = browser.GetNumberOfItems() - 1
             self.ui.stepSlider.value = browser.GetNumberOfItems() - 1
-            self.ui.stepSlider.enabled = True
-        self.updateRunButton()
 
     def onStepSlider(self, value):
         browser = self.run.nodes.get("browser") if self.run is not None else None

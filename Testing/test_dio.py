@@ -224,3 +224,39 @@ def test_a_dio_run_with_prompts_streams_every_step_through_the_real_worker(tmp_p
     assert [s.index for s in steps] == list(range(len(steps))) and len(steps) <= 12
     assert "prompt_distance_mm" in steps[-1].metrics
     assert steps[-1].metrics["prompt_distance_mm"] < steps[0].metrics["prompt_distance_mm"]
+
+
+# --- the scene side: pairing by label, what a refinement needs ------------------------------------------------
+def test_scene_landmarks_pair_by_label_when_both_lists_share_their_labels(sample_pair):
+    import slicer_harness
+    from iterreg_slicer.scene_registration import RunSettings, SceneRegistration
+    scene = slicer_harness.new_scene()
+    fixed = slicer_harness.add_volume(scene, "fixed", sample_pair.fixed)
+    moving = slicer_harness.add_volume(scene, "moving", sample_pair.moving)
+    f = slicer_harness.add_landmarks(scene, "F", sample_pair.fixed_landmarks_ras[:3])
+    m = slicer_harness.add_landmarks(scene, "M", sample_pair.moving_landmarks_ras[[2, 0, 1]])
+    for node, labels in ((f, ["a", "b", "c"]), (m, ["c", "a", "b"])):
+        for i, label in enumerate(labels):
+            node.SetNthControlPointLabel(i, label)
+    run = SceneRegistration(scene, fixed, moving, RunSettings(method="classical"), f, m)
+    fixed_ras, moving_ras, labels = run.paired_landmarks()
+    assert labels == ["a", "b", "c"]
+    np.testing.assert_allclose(moving_ras, sample_pair.moving_landmarks_ras[:3])
+    m.SetNthControlPointLabel(0, "a")  # labels no longer match as sets: pairing falls back to order
+    assert run.paired_landmarks()[2] == ["a", "b", "c"]
+
+
+def test_a_refinement_needs_a_finished_run_and_landmarks(sample_pair):
+    import slicer_harness
+    from iterreg_slicer.scene_registration import RunSettings, SceneRegistration
+    scene = slicer_harness.new_scene()
+    fixed = slicer_harness.add_volume(scene, "fixed", sample_pair.fixed)
+    moving = slicer_harness.add_volume(scene, "moving", sample_pair.moving)
+    unfinished = SceneRegistration(scene, fixed, moving, RunSettings(method="classical"))
+    with pytest.raises(ValueError, match="no result yet"):
+        SceneRegistration(scene, fixed, moving, RunSettings(method="classical"), refine=unfinished).start()
+    unfinished.geometry, unfinished.result_displacement = None, np.zeros((3, 1, 1, 1), np.float32)
+    with pytest.raises(ValueError, match="fixed volume changed"):
+        SceneRegistration(scene, fixed, moving, RunSettings(method="classical"), refine=unfinished).start()
+    with pytest.raises(ValueError, match="Only a refinement can be undone"):
+        unfinished.undo()

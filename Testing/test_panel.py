@@ -198,3 +198,57 @@ def test_series_mode_for_r2n2_lets_a_2d_plus_t_volume_be_both_fixed_and_moving(p
     assert "same node" not in ui.runButton.toolTip
     settings = widget.logic.settings_from_parameters(widget._parameterNode)
     assert settings.options["frame_axis"] == 0 and settings.options["fixed_frame"] == 3
+
+
+def test_landmark_refinement_of_a_dio_result_can_be_watched_scored_and_undone(panel, qtbot, sample_pair,
+                                                                              tmp_path):
+    """The clinician's prompt workflow: register with DIO, place landmark pairs (slicer-core markups), refine,
+    read the landmark distance before and after, undo."""
+    import numpy as np
+    from slicer.util import arrayFromGridTransform as transform_displacement
+    from test_riir_deqreg import checkpoint
+    widget, scene = panel
+    ui = widget.ui
+    select_pair(widget, scene, sample_pair)
+    ui.methodComboBox.currentIndex = ui.methodComboBox.findData("dio")
+    assert ui.representationComboBox.enabled
+    ui.representationComboBox.currentIndex = ui.representationComboBox.findText("diffeomorphic")
+    ui.checkpointComboBox.addItem("test", checkpoint(tmp_path, "dio", 3, channels=[8, 8, 8, 8], feature_channels=4))
+    ui.checkpointComboBox.currentIndex = ui.checkpointComboBox.count - 1
+    ui.stepsSpinBox.value = 20
+    assert not ui.refineButton.enabled and "Run a registration first" in ui.refineButton.toolTip
+    ui.runButton.click()
+    qtbot.waitUntil(lambda: not widget.run.running, timeout=120000)
+    first = widget.run
+    assert first.state == "completed", first.message
+    assert first.settings.options["representation"] == "diffeomorphic"
+    before = transform_displacement(first.nodes["transform"]).copy()
+    assert "landmark list" in ui.refineButton.toolTip and not ui.refineButton.enabled
+
+    fixed_points = slicer_harness.add_landmarks(scene, "F", sample_pair.fixed_landmarks_ras[:5])
+    moving_points = slicer_harness.add_landmarks(scene, "M", sample_pair.moving_landmarks_ras[:4])
+    ui.fixedLandmarksSelector.setCurrentNode(fixed_points)
+    ui.movingLandmarksSelector.setCurrentNode(moving_points)
+    assert ui.fixedPlaceWidget.currentNode() is fixed_points  # the place buttons add to the chosen lists
+    assert not ui.refineButton.enabled and "5 fixed but 4 moving" in ui.refineButton.toolTip
+    moving_points.AddControlPoint(*sample_pair.moving_landmarks_ras[4])  # placing the fifth partner
+    assert ui.refineButton.enabled
+
+    ui.refineButton.click()
+    assert not ui.runButton.enabled and not ui.refineButton.enabled
+    qtbot.waitUntil(lambda: not widget.run.running, timeout=120000)
+    refined = widget.run
+    assert refined.state == "completed" and refined.parent is first, refined.message
+    assert "Landmark distance" in ui.statusLabel.text
+    assert refined.summary["tre_after_mm"] < 0.5 * refined.summary["tre_before_mm"]
+    assert refined.nodes["browser"].GetNumberOfItems() > 1  # the refinement steps replay on their own
+    assert "prompt_distance_mm" in refined.client.history[-1]
+    np.testing.assert_array_equal(transform_displacement(first.nodes["transform"]), before)  # untouched
+
+    assert ui.undoRefineButton.enabled
+    ui.undoRefineButton.click()
+    assert widget.run is first and not ui.undoRefineButton.enabled
+    assert refined.nodes == {} and scene.GetNodeByID(first.nodes["transform"].GetID()) is not None
+    composite = scene.GetNthNodeByClass(0, "vtkMRMLSliceCompositeNode")
+    assert composite.GetForegroundVolumeID() == first.nodes["warping"].GetID()
+    assert ui.refineButton.enabled  # refine again from the restored result

@@ -130,7 +130,8 @@ def describe_methods() -> list[dict]:
         described.append({"name": name, "title": cls.title, "description": cls.description,
                           "default_steps": cls.default_steps, "max_steps": cls.max_steps,
                           "supported_ndims": list(cls.supported_ndims), "needs_checkpoint": cls.needs_checkpoint,
-                          "bundled_checkpoints": [str(p) for p in bundled.get(name, [])], "options": options})
+                          "refines": cls.refines, "bundled_checkpoints": [str(p) for p in bundled.get(name, [])],
+                          "options": options})
     return described
 
 

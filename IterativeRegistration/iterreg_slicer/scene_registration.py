@@ -72,8 +72,13 @@ class SceneRegistration:
     def __init__(self, scene, fixed_node, moving_node, settings: RunSettings, fixed_landmarks=None,
                  moving_landmarks=None, command: list[str] | None = None,
                  on_step: Callable[["SceneRegistration", StepMessage], None] | None = None,
-                 on_finished: Callable[["SceneRegistration"], None] | None = None):
+                 on_finished: Callable[["SceneRegistration"], None] | None = None,
+                 refine: "SceneRegistration | None" = None):
+        """``refine``: a finished run to continue from with the landmarks as prompts (a refinement); its
+        outputs stay untouched, so undoing the refinement (:meth:`undo`) brings its transform back."""
         self.scene, self.fixed_node, self.moving_node, self.settings = scene, fixed_node, moving_node, settings
+        self.parent = refine
+        self.result_displacement: np.ndarray | None = None  # the final field, once the run finished
         self.fixed_landmarks, self.moving_landmarks = fixed_landmarks, moving_landmarks
         self.command, self.on_step_callback, self.on_finished_callback = command, on_step, on_finished
         self.client: WorkerClient | None = None
@@ -122,7 +127,8 @@ class SceneRegistration:
         if fixed_landmarks is not None:
             nf, nm = fixed_landmarks.GetNumberOfControlPoints(), moving_landmarks.GetNumberOfControlPoints()
             if nf != nm or nf == 0:
-                return f"Landmarks are paired by order: {nf} fixed but {nm} moving points."
+                return (f"Landmarks are paired by label (or else by order): {nf} fixed but {nm} moving points; "
+                        "every fixed point needs one moving partner.")
         return None
 
     # --- life cycle -------------------------------------------------------------------------------------------
@@ -134,11 +140,17 @@ class SceneRegistration:
         s = self.settings
         self.geometry = volume_geometry(self.fixed_node)
         moving_geometry = volume_geometry(self.moving_node)
+        init = None
+        if self.parent is not None:
+            init = self._refinement_start()
+            s.keep_previous, s.use_landmarks_as_prompts = True, True  # the run refined must stay, undo needs it
         pair_key = f"{self.fixed_node.GetID()}|{self.moving_node.GetID()}|{s.method}"
         if not s.keep_previous:
             self.remove_runs(self.scene, pair_key)
         self.run_id = f"{s.method}-{int(time.time() * 1000) % 10**9}"
         name = f"{self.moving_node.GetName()} to {self.fixed_node.GetName()} ({s.method})"
+        if self.parent is not None:
+            name = f"{self.parent.name} refined"
         self.name = _unique_name(self.scene, name)
         self._tag = {RUN_ATTRIBUTE: self.run_id, PAIR_ATTRIBUTE: pair_key}
 
@@ -161,15 +173,53 @@ class SceneRegistration:
             s.method, volume_array(self.fixed_node), self.geometry.to_dict(), volume_array(self.moving_node),
             moving_geometry.to_dict(), steps=s.steps, checkpoint=s.checkpoint, device=s.device, threads=s.threads,
             options=dict(s.options), arrays=("displacement", "warped") if warped_per_step else ("displacement",),
-            channels=None if s.channel_volumes else {})
+            channels=None if s.channel_volumes else {}, init_displacement=init)
         if s.use_landmarks_as_prompts and self.fixed_landmarks is not None:
-            request.fixed_landmarks_ras = landmarks_ras(self.fixed_landmarks)
-            request.moving_landmarks_ras = landmarks_ras(self.moving_landmarks)
+            request.fixed_landmarks_ras, request.moving_landmarks_ras, request.landmark_labels = \
+                self.paired_landmarks()
         self.client = WorkerClient(request, on_step=self._on_step, on_finished=self._on_finished,
                                    on_log=self._on_log, command=self.command, copy_arrays=False)
         self.started_at = time.monotonic()
         self.client.start()
         return self
+
+    def _refinement_start(self) -> np.ndarray:
+        """The field a refinement starts from: the parent run's result, on the same fixed grid."""
+        parent = self.parent
+        if parent.result_displacement is None:
+            raise ValueError("The run to refine has no result yet; wait until it finished.")
+        if parent.fixed_node is not self.fixed_node or parent.moving_node is not self.moving_node:
+            raise ValueError("A refinement continues the last run on the same fixed and moving volumes.")
+        if parent.geometry != self.geometry:
+            raise ValueError("The fixed volume changed since the run to refine; run again instead of refining.")
+        if self.fixed_landmarks is None:
+            raise ValueError("Refining needs landmarks: place matching points in the fixed and moving lists.")
+        return parent.result_displacement
+
+    def paired_landmarks(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Fixed and moving points (RAS mm) paired by label when both lists have the same unique labels, else
+        by order; with the pairs' names."""
+        from iterreg.landmarks import pair_landmarks
+        from iterreg.errors import InputError
+        lists = []
+        for node in (self.fixed_landmarks, self.moving_landmarks):
+            labels = [node.GetNthControlPointLabel(i) or str(i + 1) for i in range(node.GetNumberOfControlPoints())]
+            lists.append((landmarks_ras(node), labels))
+        try:
+            fixed, moving, labels = pair_landmarks(*lists)
+        except InputError as exc:
+            raise ValueError(str(exc)) from None
+        return fixed, moving, list(labels)
+
+    def undo(self) -> "SceneRegistration":
+        """Undo a finished refinement: its nodes leave the scene and the run it refined, untouched all along,
+        is the current result again. Returns that run."""
+        if self.parent is None:
+            raise ValueError("Only a refinement can be undone; this run started from scratch.")
+        if self.running:
+            raise ValueError("The refinement is still running; cancel it first.")
+        self._remove_own_nodes()
+        return self.parent
 
     def poll(self) -> bool:
         return self.client is not None and self.client.poll()
@@ -301,6 +351,7 @@ class SceneRegistration:
         result = client.result
         if result is not None and result.arrays:
             displacement = result.arrays["displacement"]
+            self.result_displacement = np.array(displacement, np.float32)
             set_grid_transform(self.nodes["transform"], displacement, self.geometry)
             if not self.records or self.records[-1].index != result.index:  # the last step always plays
                 self.records.append(_Recorded(result.index, displacement, result.arrays.get("warped"), None))
@@ -385,11 +436,15 @@ class SceneRegistration:
         if client.result is not None and "jacobian_determinant" in (client.result.arrays or {}):
             summary["min_jacobian"] = float(client.result.arrays["jacobian_determinant"].min())
         if self.fixed_landmarks is not None and client.result is not None:
-            fixed, moving = landmarks_ras(self.fixed_landmarks), landmarks_ras(self.moving_landmarks)
-            transform = self.nodes["transform"].GetTransformFromParent()
-            mapped = np.array([transform.TransformPoint(p) for p in fixed])
-            summary["tre_before_mm"] = float(np.linalg.norm(fixed - moving, axis=1).mean())
-            summary["tre_after_mm"] = float(np.linalg.norm(mapped - moving, axis=1).mean())
+            try:
+                fixed, moving, _ = self.paired_landmarks()
+            except ValueError:
+                fixed = moving = None
+            if fixed is not None:
+                # before: where the run started (identity, or the refined run's transform)
+                summary["tre_before_mm"] = _mean_distance(self.parent.nodes.get("transform") if self.parent
+                                                          else None, fixed, moving)
+                summary["tre_after_mm"] = _mean_distance(self.nodes["transform"], fixed, moving)
         return summary
 
     def _add_comparison_row(self) -> None:
@@ -433,6 +488,15 @@ class SceneRegistration:
                 doomed.append(node)
         _remove_nodes(scene, doomed)
         return len(doomed)
+
+
+def _mean_distance(transform_node, fixed: np.ndarray, moving: np.ndarray) -> float:
+    """Mean distance (mm) between fixed points mapped by a transform node (None: identity) and their partners."""
+    mapped = fixed
+    if transform_node is not None:
+        transform = transform_node.GetTransformFromParent()
+        mapped = np.array([transform.TransformPoint(p) for p in fixed])
+    return float(np.linalg.norm(mapped - moving, axis=1).mean())
 
 
 def _remove_nodes(scene, nodes) -> None:

@@ -129,4 +129,32 @@ class qMRMLNodeComboBox(QtWidgets.QComboBox):  # noqa: N801
         return None if node is None else node.GetID()
 
 
-CUSTOM_WIDGETS = (qMRMLWidget, ctkCollapsibleButton, qMRMLNodeComboBox)
+class qSlicerMarkupsPlaceWidget(QtWidgets.QPushButton):  # noqa: N801
+    """Slicer's place button: ``setMRMLScene``, ``setCurrentNode``, ``currentNode`` and ``placeModeEnabled``.
+    Without views to click in, tests add control points to the node directly."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self._scene = self._node = None
+        self._place = False
+        self.setCheckable(True)
+
+    def setMRMLScene(self, scene) -> None:
+        self._scene = scene
+
+    def setCurrentNode(self, node) -> None:
+        self._node = node
+
+    def currentNode(self):
+        return self._node
+
+    def _get_place(self) -> bool:
+        return self._place
+
+    def _set_place(self, value: bool) -> None:
+        self._place = bool(value) and self._node is not None
+
+    placeModeEnabled = QtCore.Property(bool, _get_place, _set_place)
+
+
+CUSTOM_WIDGETS = (qMRMLWidget, ctkCollapsibleButton, qMRMLNodeComboBox, qSlicerMarkupsPlaceWidget)

@@ -118,6 +118,7 @@ class RegistrationMethod(ABC):
     max_steps: ClassVar[int]
     supported_ndims: ClassVar[tuple[int, ...]] = (2, 3)
     needs_checkpoint: ClassVar[bool] = False
+    refines: ClassVar[bool] = False  # continues from a given field (init) with landmark prompts: "Refine"
     Options: ClassVar[type[MethodOptions]] = MethodOptions
 
     def __init_subclass__(cls, **kwargs):

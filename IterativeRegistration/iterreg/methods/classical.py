@@ -56,6 +56,7 @@ class ClassicalMethod(RegistrationMethod):
     default_steps = 150
     max_steps = 5000
     Options = ClassicalOptions
+    refines = True
 
     def _similarity_kwargs(self) -> dict:
         return {"window": self.options.window} if self.options.similarity == "lncc" else {}

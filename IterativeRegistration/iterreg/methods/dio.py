@@ -69,6 +69,7 @@ class DIOMethod(LearnedIterativeMethod):
     max_steps = 5000
     needs_checkpoint = True
     Options = DIOOptions
+    refines = True
     network_class, config_class = FeatureNetwork, DIOConfig
 
     @staticmethod

@@ -548,6 +548,8 @@ class IterativeRegistrationTest(ScriptedLoadableModuleTest):
         self.test_engine_registers_the_bundled_pair()
         self.setUp()
         self.test_logic_streams_a_run_into_the_scene()
+        self.setUp()
+        self.test_a_result_is_refined_with_landmarks_and_the_refinement_undone()
 
     def _sample(self):
         os.environ.setdefault("ITERREG_RESOURCES", os.path.join(_HERE, "..", "Resources"))
@@ -598,3 +600,38 @@ class IterativeRegistrationTest(ScriptedLoadableModuleTest):
         self.assertGreater(run.nodes["browser"].GetNumberOfItems(), 1)
         self.assertIsNone(moving.GetParentTransformNode())
         self.delayDisplay(run.message)
+
+    def _wait(self, run):
+        import time
+        while run.poll():
+            slicer.app.processEvents()
+            time.sleep(0.02)
+
+    def test_a_result_is_refined_with_landmarks_and_the_refinement_undone(self):
+        self.delayDisplay("Refining a classical result with five landmark pairs")
+        import SimpleITK as sitk
+        from iterreg.geometry import Geometry
+        from iterreg_slicer.mrml_arrays import new_volume_like
+        from iterreg_slicer.scene_registration import RunSettings
+
+        pair = self._sample()
+        fixed = new_volume_like(slicer.mrmlScene, "fixed", sitk.GetArrayFromImage(pair.fixed), Geometry.of(pair.fixed))
+        moving = new_volume_like(slicer.mrmlScene, "moving", sitk.GetArrayFromImage(pair.moving),
+                                 Geometry.of(pair.moving))
+        logic = IterativeRegistrationLogic()
+        first = logic.start(fixed, moving, RunSettings(steps=10))
+        self._wait(first)
+        lists = []
+        for name, points in (("F", pair.fixed_landmarks_ras[:5]), ("M", pair.moving_landmarks_ras[:5])):
+            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+            for point in points:
+                node.AddControlPoint(*[float(v) for v in point])
+            lists.append(node)
+        refined = logic.refine(first, RunSettings(steps=20), *lists)
+        self._wait(refined)
+        self.assertEqual(refined.state, "completed", refined.message)
+        self.assertLess(refined.summary["tre_after_mm"], refined.summary["tre_before_mm"])
+        self.assertIs(logic.undo_refinement(refined), first)
+        self.assertEqual(refined.nodes, {})
+        self.delayDisplay(f"Landmark distance {refined.summary['tre_before_mm']:.2f} -> "
+                          f"{refined.summary['tre_after_mm']:.2f} mm; undone")

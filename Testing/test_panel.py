@@ -154,6 +154,8 @@ def test_the_modules_own_self_test_passes_here(monkeypatch, sample_pair):
     case = module.IterativeRegistrationTest()
     case.setUp()
     case.test_logic_streams_a_run_into_the_scene()
+    case.setUp()
+    case.test_a_result_is_refined_with_landmarks_and_the_refinement_undone()
 
 
 def test_closing_the_scene_stops_the_run_and_starts_afresh(panel, qtbot, sample_pair):

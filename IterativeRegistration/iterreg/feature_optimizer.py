@@ -22,9 +22,11 @@ Prompts (ours; the paper names them, the public code has none) join the objectiv
   partner. Its gradient lives on the 2^n voxels around each point, which Adam's per-voxel normalisation would
   turn into spikes (folding); so, as the feature gradient is smoothed by a Gaussian, the landmark term takes a
   kernel (Gauss-Newton in a Gaussian RKHS of ``radius_mm``) step: the smooth field that moves every prompted
-  point by half its residual, capped at ``max_prompt_step`` voxels. Near a prompted point the features' own step
-  is scaled by ``1 - weight * kernel`` (``weight`` <= 1), so at weight 1 the prompts win where they are and the
-  features rule away from them; residuals shrink by ~0.6 per iteration.
+  point by about half its residual, capped at ``max_prompt_step`` voxels. Near a prompted point (a Gaussian of a
+  quarter of the radius, at least a voxel) the features' own step is scaled by ``1 - weight * kernel`` (``weight`` <= 1), so at
+  weight 1 the prompts win where they are and the features rule away from them; residuals shrink by ~0.6 per
+  iteration. A warm-started run with landmarks (a refinement) is local: the features act only where the points
+  reach, so the previous result stays as it was away from the prompts.
 - label maps: ``label_weight * (1 - mean soft Dice)`` of the warped moving labels, inside the Adam objective.
 
 Training (paper §3.2, Jacobian-free backprop): the optimum is found without gradients, then ``jfb_steps``
@@ -167,7 +169,7 @@ class _LandmarkPull:
     give every point the mean residual). The ridge term keeps close points from producing large, alternating
     coefficients that would swing the field far from the points (ill-conditioned Gaussian RBF)."""
 
-    def __init__(self, prompts: FieldPrompts, image_shape, shape, device, max_step: float):
+    def __init__(self, prompts: FieldPrompts, image_shape, shape, device, max_step: float, local: bool = False):
         self.fixed = scaled_points(prompts.fixed_points.to(device, torch.float32), image_shape, shape)
         self.moving = scaled_points(prompts.moving_points.to(device, torch.float32), image_shape, shape)
         self.spacing = _scale_spacing(prompts.spacing, image_shape, shape).to(device)
@@ -178,11 +180,15 @@ class _LandmarkPull:
         sigma2 = 2.0 * prompts.radius_mm ** 2
         d2 = (((coords[None] - self.fixed[:, None]) * self.spacing) ** 2).sum(-1)  # [N, V] mm^2
         self.kernel = torch.exp(-d2 / sigma2).reshape(len(self.fixed), *shape)
+        # where the points outweigh the features: a Gaussian of a quarter of the radius, but never narrower than
+        # a voxel of this scale (else it would fall between the grid nodes around the point)
+        inner2 = 2.0 * max(prompts.radius_mm / 4, float(self.spacing.max())) ** 2
+        self.influence = torch.exp(-d2 / inner2).amax(0).reshape(1, 1, *shape)
         between = (((self.fixed[None] - self.fixed[:, None]) * self.spacing) ** 2).sum(-1)
         self.solve = torch.linalg.inv(torch.exp(-between / sigma2) + 0.25 * torch.eye(len(self.fixed),
                                                                                      device=device))
-        # 1 at a prompted point, falling off with the kernel: there the features' step is scaled by 1 - trust
-        self.influence = self.kernel.amax(0).clamp(max=1.0)[None, None]
+        self.reach = self.kernel.amax(0)[None, None]  # where the points reach: 1 at a point
+        self.local = local
 
     def residual(self, displacement: torch.Tensor) -> torch.Tensor:
         """``x_f + u(x_f) - x_m`` in voxels of the scale, ``[N, ndim]``."""
@@ -192,7 +198,10 @@ class _LandmarkPull:
         return float((self.residual(displacement) * self.spacing).norm(dim=1).mean())
 
     def feature_share(self) -> torch.Tensor:
-        return 1.0 - self.trust * self.influence
+        """How much of the features' step each voxel takes. A local run (a refinement) changes the previous
+        result only where the points reach; elsewhere it stays as it was."""
+        share = 1.0 - self.trust * self.influence
+        return share * self.reach if self.local else share
 
     def step(self, displacement: torch.Tensor) -> torch.Tensor:
         coefficients = self.solve @ self.residual(displacement)  # [N, ndim]
@@ -237,8 +246,8 @@ def optimise(fixed_features: list[torch.Tensor], moving_features: list[torch.Ten
             variable = resize_displacement(variable, shape)
             moment1, moment2 = resize_image(moment1, shape), resize_image(moment2, shape)
         base_s = None if base is None else resize_displacement(base, shape)
-        pull = _LandmarkPull(prompts, image_shape, shape, fixed_f.device, settings.max_prompt_step) \
-            if prompts is not None and prompts.has_points else None
+        pull = _LandmarkPull(prompts, image_shape, shape, fixed_f.device, settings.max_prompt_step,
+                             local=base is not None) if prompts is not None and prompts.has_points else None
         labels = None
         if prompts is not None and prompts.has_labels:
             values = torch.unique(prompts.fixed_labels)

@@ -372,7 +372,7 @@ def test_fine_tuning_starts_from_the_given_checkpoint(tiny_run, tmp_path):
 
 
 SHORT_RUN = {"riir": "architecture.steps=2", "deqreg": "architecture.max_iter=4", "iirp": "training.seed=0",
-             "r2n2": "architecture.steps=3"}
+             "r2n2": "architecture.steps=3", "dio": "architecture.train_iterations=[3,3,3]"}
 
 
 @pytest.mark.parametrize("method", sorted(SHORT_RUN))

@@ -154,3 +154,30 @@ def test_methods_lists_identity_and_classical(capsys):
     assert main(["methods"]) == 0
     listing = capsys.readouterr().out
     assert "identity" in listing and "classical" in listing
+
+
+def test_a_saved_result_is_refined_with_landmark_prompts_from_the_command_line(registered, sample_dir, tmp_path,
+                                                                              capsys):
+    """--init continues an earlier run's displacement.nii.gz; with --prompt the landmarks pull it closer."""
+    first, _ = registered
+    f = lambda key: str(sample_dir / PAIR_FILES[key])  # noqa: E731
+    start = json.loads((first / "summary.json").read_text())["evaluation"]["after"]["tre_mean_mm"]
+    code = main(["register", f("fixed"), f("moving"), "--method", "classical", "--steps", "30", "--device", "cpu",
+                 "--out", str(tmp_path / "refined"), "--fixed-landmarks", f("fixed_landmarks"),
+                 "--moving-landmarks", f("moving_landmarks"), "--prompt", "--init",
+                 str(first / "displacement.nii.gz"), "--quiet"])
+    assert code == 0
+    summary = json.loads((tmp_path / "refined" / "summary.json").read_text())["evaluation"]
+    assert summary["start"]["tre_mean_mm"] == pytest.approx(start, abs=1e-3)  # it started where the run ended
+    assert summary["after"]["tre_mean_mm"] < start
+    assert "at the start field" in capsys.readouterr().out
+
+
+def test_a_starting_field_on_another_grid_is_refused(images, tmp_path, capsys):
+    _, fixed, moving = images
+    wrong = sitk.Image([5, 5, 5], sitk.sitkVectorFloat32, 3)
+    sitk.WriteImage(wrong, str(tmp_path / "field.nii.gz"))
+    code, err = run_cli(["register", fixed, moving, "--out", str(tmp_path / "o"), "--init",
+                         str(tmp_path / "field.nii.gz")], capsys)
+    assert code == 2 and "not on the fixed image's grid" in err[0]
+    assert not (tmp_path / "o").exists()

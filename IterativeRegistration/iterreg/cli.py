@@ -42,6 +42,9 @@ def _add_register(sub) -> None:
     p.add_argument("--fixed-labels", help="label map on the fixed grid (for Dice/HD95)")
     p.add_argument("--moving-labels", help="label map on the moving grid")
     p.add_argument("--prompt", action="store_true", help="also use the landmarks as prompts, not only to score")
+    p.add_argument("--init", metavar="DISPLACEMENT",
+                   help="start from this displacement field (e.g. displacement.nii.gz of an earlier run on the same "
+                        "fixed image): refine a result instead of starting from the identity")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="method option, e.g. --option similarity=mse (repeatable)")
     p.add_argument("--pictures", action="store_true", help="write steps.png and steps.gif")
@@ -58,13 +61,15 @@ def _register(args) -> int:
         fixed=args.fixed, moving=args.moving, out=args.out, method=args.method, steps=args.steps,
         checkpoint=args.checkpoint, device=args.device, fixed_landmarks=args.fixed_landmarks,
         moving_landmarks=args.moving_landmarks, fixed_labels=args.fixed_labels, moving_labels=args.moving_labels,
-        options=_parse_options(args.option), pictures=args.pictures, use_landmarks_as_prompts=args.prompt)
+        options=_parse_options(args.option), pictures=args.pictures, use_landmarks_as_prompts=args.prompt,
+        init=args.init)
     result = register_files(request, progress=not args.quiet)
     ev = result.evaluation
     print(f"{args.method}: {result.steps} steps in {result.runtime_s:.1f} s -> {result.out}")
     for key, label in (("dice_mean", "Dice (mean)"), ("hd95_mean_mm", "HD95 mm"), ("tre_mean_mm", "TRE mm")):
         if key in ev["after"]:
-            print(f"  {label}: {ev['before'][key]:.3f} before, {ev['after'][key]:.3f} after")
+            start = f", {ev['start'][key]:.3f} at the start field" if "start" in ev else ""
+            print(f"  {label}: {ev['before'][key]:.3f} before{start}, {ev['after'][key]:.3f} after")
     print(f"  folding: {ev['regularity']['folding_percent']:.3f} %")
     return 0
 

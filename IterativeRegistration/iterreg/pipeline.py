@@ -48,6 +48,7 @@ class RegistrationRequest:
     options: dict = field(default_factory=dict)
     pictures: bool = False
     use_landmarks_as_prompts: bool = False
+    init: str | None = None  # an ITK displacement field on the fixed grid to start from (a refinement)
 
 
 @dataclass
@@ -126,6 +127,7 @@ def register_files(request: RegistrationRequest, on_step: Callable[[Step], None]
     prompts = None
     if request.use_landmarks_as_prompts and evaluation.fixed_points is not None:
         prompts = Prompts(evaluation.fixed_points, evaluation.moving_points, spacing=pair.geometry.array_spacing)
+    init = None if request.init is None else _starting_field(request.init, pair.geometry)
 
     out = Path(request.out)
     created_out = not out.exists()
@@ -136,7 +138,8 @@ def register_files(request: RegistrationRequest, on_step: Callable[[Step], None]
         raise InputError(f"cannot write to output folder '{out}' ({exc.strerror}); choose a writable folder") \
             from None
     try:
-        return _run_and_save(request, method, pair, evaluation, steps, prompts, staging, out, on_step, progress)
+        return _run_and_save(request, method, pair, evaluation, steps, prompts, staging, out, on_step, progress,
+                             init)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if created_out and not any(out.iterdir()):
@@ -144,7 +147,21 @@ def register_files(request: RegistrationRequest, on_step: Callable[[Step], None]
         raise
 
 
-def _run_and_save(request, method, pair, evaluation, steps, prompts, staging: Path, out: Path, on_step, progress):
+def _starting_field(path: str, geometry: Geometry) -> torch.Tensor:
+    """A saved displacement field (LPS mm, as this tool writes it) -> voxels on the fixed grid."""
+    field_image = read_image(path, "starting displacement")
+    try:
+        voxels, field_geometry = Geometry.displacement_from_sitk(field_image)
+    except ValueError as exc:
+        raise InputError(f"starting displacement '{path}': {exc}") from None
+    if not field_geometry.same_grid(geometry):
+        raise InputError(f"starting displacement '{path}' is not on the fixed image's grid; give the "
+                         "displacement.nii.gz of a run on this fixed image")
+    return torch.from_numpy(np.ascontiguousarray(voxels, dtype=np.float32))[None]
+
+
+def _run_and_save(request, method, pair, evaluation, steps, prompts, staging: Path, out: Path, on_step, progress,
+                  init=None):
     from tqdm import tqdm  # only the CLI path shows progress
 
     pictures = StepPictures(pair.fixed) if request.pictures else None
@@ -152,7 +169,8 @@ def _run_and_save(request, method, pair, evaluation, steps, prompts, staging: Pa
     start = time.perf_counter()
     last: Step | None = None
     bar = tqdm(total=steps, desc=request.method, unit="step", disable=not progress, leave=False)
-    for step in method.run(pair.fixed.to(method.device), pair.moving.to(method.device), steps, prompts):
+    start_field = None if init is None else init.to(method.device)
+    for step in method.run(pair.fixed.to(method.device), pair.moving.to(method.device), steps, prompts, start_field):
         last = step
         records.append({"step": step.index, "phase": step.phase, "elapsed_s": time.perf_counter() - start,
                         **step.metrics})
@@ -172,6 +190,8 @@ def _run_and_save(request, method, pair, evaluation, steps, prompts, staging: Pa
     identity = torch.zeros_like(displacement)
     evaluation_result = {"before": evaluation.score(identity), "after": evaluation.score(displacement),
                          "regularity": field_regularity(displacement)}
+    if init is not None:  # a refinement: also how good the field it started from was
+        evaluation_result["start"] = evaluation.score(init.cpu())
 
     files = []
     moving_raw = torch.from_numpy(pair.moving_raw_on_fixed)[None, None]

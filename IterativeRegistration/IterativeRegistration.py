@@ -580,44 +580,39 @@ class IterativeRegistrationTest(ScriptedLoadableModuleTest):
 
     def test_logic_streams_a_run_into_the_scene(self):
         self.delayDisplay("Running the classical method through the background worker")
-        import SimpleITK as sitk
-        from iterreg.geometry import Geometry
-        from iterreg_slicer.mrml_arrays import new_volume_like
         from iterreg_slicer.scene_registration import RunSettings
 
-        pair = self._sample()
-        fixed = new_volume_like(slicer.mrmlScene, "fixed", sitk.GetArrayFromImage(pair.fixed), Geometry.of(pair.fixed))
-        moving = new_volume_like(slicer.mrmlScene, "moving", sitk.GetArrayFromImage(pair.moving),
-                                 Geometry.of(pair.moving))
+        _, fixed, moving = self._sample_volumes()
         logic = IterativeRegistrationLogic()
         run = logic.start(fixed, moving, RunSettings(steps=15))
-        import time
-        while run.poll():
-            slicer.app.processEvents()
-            time.sleep(0.02)  # poll like the panel's timer does, leaving the CPU to the worker
+        self._wait(run)
         self.assertEqual(run.state, "completed", run.message)
         self.assertEqual(run.plot.table.GetTable().GetNumberOfRows(), run.steps_done)
         self.assertGreater(run.nodes["browser"].GetNumberOfItems(), 1)
         self.assertIsNone(moving.GetParentTransformNode())
         self.delayDisplay(run.message)
 
+    def _sample_volumes(self):
+        """The bundled pair as two volume nodes in the scene: (pair, fixed node, moving node)."""
+        import SimpleITK as sitk
+        from iterreg.geometry import Geometry
+        from iterreg_slicer.mrml_arrays import new_volume_like
+        pair = self._sample()
+        nodes = [new_volume_like(slicer.mrmlScene, name, sitk.GetArrayFromImage(image), Geometry.of(image))
+                 for name, image in (("fixed", pair.fixed), ("moving", pair.moving))]
+        return pair, *nodes
+
     def _wait(self, run):
         import time
         while run.poll():
             slicer.app.processEvents()
-            time.sleep(0.02)
+            time.sleep(0.02)  # poll like the panel's timer does, leaving the CPU to the worker
 
     def test_a_result_is_refined_with_landmarks_and_the_refinement_undone(self):
         self.delayDisplay("Refining a classical result with five landmark pairs")
-        import SimpleITK as sitk
-        from iterreg.geometry import Geometry
-        from iterreg_slicer.mrml_arrays import new_volume_like
         from iterreg_slicer.scene_registration import RunSettings
 
-        pair = self._sample()
-        fixed = new_volume_like(slicer.mrmlScene, "fixed", sitk.GetArrayFromImage(pair.fixed), Geometry.of(pair.fixed))
-        moving = new_volume_like(slicer.mrmlScene, "moving", sitk.GetArrayFromImage(pair.moving),
-                                 Geometry.of(pair.moving))
+        pair, fixed, moving = self._sample_volumes()
         logic = IterativeRegistrationLogic()
         first = logic.start(fixed, moving, RunSettings(steps=10))
         self._wait(first)

@@ -44,11 +44,11 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .spatial import compose, gaussian_smooth, identity_grid, integrate_velocity, resize_displacement, resize_image, \
-    sample_displacement_at, vector_length, warp
+from .spatial import compose, gaussian_smooth, identity_grid, integrate_velocity, rescale_spacing, \
+    rescale_voxel_points, resize_displacement, resize_image, sample_displacement_at, vector_length, warp
 
 __all__ = ["REPRESENTATIONS", "SolverSettings", "FieldPrompts", "SolverState", "optimise", "differentiable_steps",
-           "combine", "to_displacement", "feature_loss", "scaled_points"]
+           "combine", "to_displacement", "feature_loss"]
 
 REPRESENTATIONS = ("freeform", "diffeomorphic", "svf")
 
@@ -148,18 +148,6 @@ def _normalised(direction: torch.Tensor, learning_rate: float) -> torch.Tensor:
     return direction * (-0.5 * learning_rate / longest).view(-1, *[1] * (direction.dim() - 1))
 
 
-def scaled_points(points: torch.Tensor, image_shape: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
-    """Voxel coordinates on the image grid -> the same positions on a grid of ``shape`` over the same field of
-    view (corner voxel centres fixed, the :func:`iterreg.spatial.resize_displacement` convention)."""
-    factor = torch.tensor([(s - 1) / max(n - 1, 1) for n, s in zip(image_shape, shape)], dtype=points.dtype)
-    return points * factor.to(points.device)
-
-
-def _scale_spacing(spacing, image_shape, shape) -> torch.Tensor:
-    spacing = [1.0] * len(shape) if spacing is None else list(spacing)
-    return torch.tensor([sp * max(n - 1, 1) / max(s - 1, 1) for sp, n, s in zip(spacing, image_shape, shape)])
-
-
 class _LandmarkPull:
     """The landmark term at one scale: its residuals, its kernel step, and where it outweighs the features.
 
@@ -170,9 +158,10 @@ class _LandmarkPull:
     coefficients that would swing the field far from the points (ill-conditioned Gaussian RBF)."""
 
     def __init__(self, prompts: FieldPrompts, image_shape, shape, device, max_step: float, local: bool = False):
-        self.fixed = scaled_points(prompts.fixed_points.to(device, torch.float32), image_shape, shape)
-        self.moving = scaled_points(prompts.moving_points.to(device, torch.float32), image_shape, shape)
-        self.spacing = _scale_spacing(prompts.spacing, image_shape, shape).to(device)
+        self.fixed = rescale_voxel_points(prompts.fixed_points.to(device, torch.float32), image_shape, shape)
+        self.moving = rescale_voxel_points(prompts.moving_points.to(device, torch.float32), image_shape, shape)
+        spacing = [1.0] * len(shape) if prompts.spacing is None else list(prompts.spacing)
+        self.spacing = torch.tensor(rescale_spacing(spacing, image_shape, shape), device=device)
         self.eta = 0.5  # each iteration shrinks the residuals the features leave alone by ~0.6
         self.trust = min(1.0, max(0.0, prompts.weight))  # how far the features yield at a prompted point
         self.max_step = max_step

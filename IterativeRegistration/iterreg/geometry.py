@@ -208,7 +208,6 @@ class Geometry:
 
         Matches :func:`iterreg.spatial.resize_displacement` (align_corners=True).
         """
+        from .spatial import rescale_spacing  # the one rule for resampled grids (a one-voxel axis keeps its size)
         size = tuple(int(n) for n in reversed(tuple(array_shape)))
-        # an axis of one voxel (a single slice) has no extent to keep: it keeps its spacing
-        spacing = tuple(s * (o - 1) / (n - 1) if o > 1 and n > 1 else s for s, o, n in zip(self.spacing, self.size, size))
-        return Geometry(size, spacing, self.origin, self.direction)
+        return Geometry(size, tuple(rescale_spacing(self.spacing, self.size, size)), self.origin, self.direction)

@@ -28,6 +28,8 @@ __all__ = [
     "warp",
     "warp_labels",
     "rescale_voxel_vectors",
+    "rescale_voxel_points",
+    "rescale_spacing",
     "compose",
     "resize_displacement",
     "resize_image",
@@ -183,6 +185,19 @@ def rescale_voxel_vectors(vectors: torch.Tensor, old_shape: Sequence[int], new_s
     factors = torch.tensor([(n - 1) / max(o - 1, 1) for n, o in zip(new_shape, old_shape)],
                            device=vectors.device, dtype=vectors.dtype)
     return vectors * factors.view(1, nd, *([1] * (vectors.dim() - 2)))
+
+
+def rescale_voxel_points(points: torch.Tensor, old_shape: Sequence[int], new_shape: Sequence[int]) -> torch.Tensor:
+    """``[N, ndim]`` voxel positions on a grid of ``old_shape`` -> the same positions on a grid of ``new_shape``
+    over the same field of view (corner voxel centres fixed, as :func:`resize_displacement`)."""
+    factors = torch.tensor([(n - 1) / max(o - 1, 1) for n, o in zip(new_shape, old_shape)], dtype=points.dtype)
+    return points * factors.to(points.device)
+
+
+def rescale_spacing(spacing: Sequence[float], old_shape: Sequence[int], new_shape: Sequence[int]) -> list[float]:
+    """Voxel size per array axis after resampling a grid of ``old_shape`` to ``new_shape`` over the same field of
+    view (the same rule as :meth:`iterreg.geometry.Geometry.scaled_to_shape`; a one-voxel axis keeps its size)."""
+    return [s * (o - 1) / (n - 1) if o > 1 and n > 1 else s for s, o, n in zip(spacing, old_shape, new_shape)]
 
 
 def jacobian_matrix(displacement: torch.Tensor) -> torch.Tensor:

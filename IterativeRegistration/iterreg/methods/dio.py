@@ -24,9 +24,10 @@ from .base import Prompts, Step, standard_step_metrics
 from .learned import LearnedIterativeMethod, WorkingGrid, WorkingGridOptions
 from ..errors import InputError
 from ..feature_optimizer import REPRESENTATIONS, FieldPrompts, SolverSettings, combine, differentiable_steps, \
-    optimise, scaled_points, to_displacement
+    optimise, to_displacement
 from ..networks.dio import DIOConfig, FeatureNetwork
-from ..spatial import rescale_voxel_vectors, resize_displacement, resize_image, spatial_ndim, vector_length, warp
+from ..spatial import rescale_spacing, rescale_voxel_points, rescale_voxel_vectors, resize_displacement, \
+    resize_image, spatial_ndim, vector_length, warp
 
 
 @dataclass(frozen=True)
@@ -118,11 +119,9 @@ class DIOMethod(LearnedIterativeMethod):
             if not (torch.isfinite(fixed_points).all() and torch.isfinite(moving_points).all()):
                 raise InputError("a landmark prompt has a non-finite coordinate; remove or re-place that point")
             spacing = list(prompts.spacing) if prompts.spacing is not None else [1.0] * nd
-            working_spacing = [sp * max(n - 1, 1) / max(w - 1, 1)
-                               for sp, n, w in zip(spacing, grid.image_shape, grid.shape)]
-            points = dict(fixed_points=scaled_points(fixed_points, grid.image_shape, grid.shape),
-                          moving_points=scaled_points(moving_points, grid.image_shape, grid.shape),
-                          spacing=working_spacing)
+            points = dict(fixed_points=rescale_voxel_points(fixed_points, grid.image_shape, grid.shape),
+                          moving_points=rescale_voxel_points(moving_points, grid.image_shape, grid.shape),
+                          spacing=rescale_spacing(spacing, grid.image_shape, grid.shape))
         labels = {}
         if prompts.fixed_labels is not None or prompts.moving_labels is not None:
             if prompts.fixed_labels is None or prompts.moving_labels is None:

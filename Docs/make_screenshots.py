@@ -111,6 +111,8 @@ def network_strip(scene, view, fixed, moving, method: str, channel: str, steps: 
             label = f"{method} step {step.index + 1}"
             if "level" in step.metrics:  # IIRP-Net: say where in the pyramid
                 label += f" (level {int(step.metrics['level'])})"
+            if "scale" in step.metrics:  # DIO: which feature scale the optimizer is at
+                label += f" (scale 1/{int(step.metrics['scale'])})"
             show_in_slice_views(scene, run.nodes["warping"], None)
             shots.append((save_view(view, f"{name}_warp_{step.index + 1}"), label))
             show_in_slice_views(scene, fixed, run.nodes["channel"], 0.7)
@@ -187,6 +189,8 @@ def main() -> int:
     network_strip(scene, view, fixed, moving, "deqreg", "residual_map", 48, (1, 12, 48), "deqreg_residual")
     network_strip(scene, view, fixed, moving, "iirp", "residual_flow", 40,
                   lambda step: step.metrics.get("iteration") == 1 and step.metrics.get("level") in (3, 1), "iirp_levels")
+    network_strip(scene, view, fixed, moving, "dio", "fixed_features", 350,
+                  lambda step: step.metrics.get("iteration") == 1, "dio_features")
     print(f"wrote {len(list(OUT.glob('*.png')))} pictures to {OUT}")
     return 0
 

@@ -153,22 +153,31 @@ def prompts(args) -> str:
     torch.set_num_threads(2)
     counts = (0, 1, 3, 5, 10)
     method = get_method("dio").create(args.checkpoint, ndim=3)
-    starts = ("no registration (identity)", "DIO result")
+    starts = ("no registration (identity)", "DIO result", "DIO result + regional failure")
     results = {(start, k): [] for start in starts for k in counts}
-    held_out = list(range(10, 20))  # scored, never prompted
     correlations = []
     for p in range(args.pairs):
         seed = args.first_seed + p
         sample = make_pair(args.prompt_size, seed=seed, n_landmarks=20)
         pair = prepare_pair(sample.fixed, sample.moving)
-        evaluation = evaluation_for(sample)
+        sparse = evaluation_for(sample)
         dio_steps, _ = timed_run(method, pair)
-        correlations.append(_residual_correlation(evaluation, dio_steps[-1].displacement))
-        fields = {starts[0]: torch.zeros_like(dio_steps[-1].displacement), starts[1]: dio_steps[-1].displacement}
+        correlations.append(_residual_correlation(sparse, dio_steps[-1].displacement))
+        # the same images with 80 landmarks, so that a region holds several of them
+        dense = evaluation_for(make_pair(args.prompt_size, seed=seed, n_landmarks=80))
+        failure, centre = _regional_failure(dense, pair.geometry, seed)
+        fields = {starts[0]: torch.zeros_like(dio_steps[-1].displacement), starts[1]: dio_steps[-1].displacement,
+                  starts[2]: dio_steps[-1].displacement + failure}
         for start, field in fields.items():
-            base = _held_out_score(evaluation, field, held_out)
+            evaluation = dense if start == starts[2] else sparse
             for k in counts:
-                chosen = list(range(k))
+                if start == starts[2]:  # the clinician prompts where it is off: every other landmark within 40 mm
+                    if k > 5:           # of the failure, nearest first; the ones between them are held out
+                        continue
+                    chosen, held_out = _near_failure(evaluation, centre, k)
+                else:
+                    chosen, held_out = list(range(k)), list(range(10, 20))
+                base = _held_out_score(evaluation, field, held_out)
                 prompt = None if k == 0 else Prompts(evaluation.fixed_points[chosen], evaluation.moving_points[chosen],
                                                      spacing=pair.geometry.array_spacing)
                 timed_run(method, pair, prompts=prompt, init=field)  # warm-up: first runs pay allocations
@@ -180,9 +189,12 @@ def prompts(args) -> str:
                     "prompted": (_tre(evaluation, field, chosen), _tre(evaluation, refined[-1].displacement, chosen))
                     if k else (float("nan"), float("nan"))})
             print(f"pair {seed}, from {start}: " + ", ".join(
-                f"{k}: {results[(start, k)][-1]['tre_held_out']:.2f}" for k in counts), flush=True)
+                f"{k}: {results[(start, k)][-1]['tre_held_out']:.2f}" for k in counts if results[(start, k)]),
+                flush=True)
     rows = []
     for (start, k), rs in results.items():
+        if not rs:
+            continue
         mean = lambda key: float(np.mean([r[key] for r in rs]))  # noqa: E731
         prompted = np.mean([r["prompted"] for r in rs], axis=0)
         rows.append([start, str(k), f"{mean('before'):.2f} -> {mean('tre_held_out'):.2f}", f"{100 * mean('drop'):.0f} %",
@@ -198,7 +210,10 @@ def prompts(args) -> str:
         "default prompt options (weight 1, radius 20 mm); k = 0 is the same refinement without prompts, so the "
         "prompts' own share is the difference to that row. Time = the method's refinement run, CPU, 2 threads, "
         "after one warm-up run (feature extraction of both images, optimisation, and every streamed step's "
-        "128^3 field), without the worker's start-up.", "",
+        "128^3 field), without the worker's start-up. 'Regional failure' (a clinician's case: one region is off): "
+        "the same images with 80 landmarks, the DIO result plus a smooth local error (5 mm at one landmark, "
+        "Gaussian fall-off of 25 mm, random direction); the prompts are every other landmark within 40 mm of it "
+        "(nearest first, at most 5), the landmarks between them are held out.", "",
         markdown_table(["start", "prompts", "held-out TRE mm (start -> refined)", "held-out TRE drop",
                         "prompted TRE mm", "Dice (change)", "folding %", "steps", "time s"], rows), "",
         "Can prompts predict the error at other landmarks? Only if the errors of nearby landmarks agree. Mean cosine "
@@ -208,6 +223,32 @@ def prompts(args) -> str:
             [label, str(sum(c[label][0] for c in correlations)),
              f"{np.mean([v for c in correlations for v in c[label][1]]):.3f}"
              if any(c[label][1] for c in correlations) else "-"] for label in correlations[0]])])
+
+
+def _regional_failure(evaluation, geometry, seed: int):
+    """A smooth local misregistration: 5 mm at one landmark, Gaussian fall-off of 25 mm (voxels of the grid)."""
+    import torch
+
+    from iterreg.spatial import identity_grid
+    generator = np.random.default_rng(seed)
+    centre = int(generator.integers(len(evaluation.fixed_points)))
+    direction = generator.normal(size=3)
+    spacing = np.asarray(geometry.array_spacing)
+    vector = torch.tensor(direction / np.linalg.norm(direction) * 5.0 / spacing, dtype=torch.float32)
+    grid = identity_grid(geometry.array_shape)[0]
+    d2 = (((grid - evaluation.fixed_points[centre].view(3, 1, 1, 1)) * torch.tensor(spacing, dtype=torch.float32)
+           .view(3, 1, 1, 1)) ** 2).sum(0)
+    return (vector.view(3, 1, 1, 1) * torch.exp(-d2 / (2 * 25.0 ** 2)))[None], centre
+
+
+def _near_failure(evaluation, centre: int, k: int):
+    """Landmarks within 40 mm of the failure, nearest first: every other one (from the second) is a prompt,
+    the rest (the centre included) are held out."""
+    ras = evaluation.geometry.array_index_to_ras(evaluation.fixed_points.numpy())
+    distance = np.linalg.norm(ras - ras[centre], axis=1)
+    near = [int(i) for i in np.argsort(distance) if distance[i] < 40.0]
+    chosen = near[1::2][:k]
+    return chosen, [i for i in near if i not in chosen]
 
 
 def _residual_correlation(evaluation, u) -> dict:

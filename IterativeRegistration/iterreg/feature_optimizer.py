@@ -69,8 +69,7 @@ class SolverSettings:
 
     def check(self) -> None:
         if self.representation not in REPRESENTATIONS:
-            raise ValueError(f"representation must be one of {', '.join(REPRESENTATIONS)}, "
-                             f"got {self.representation!r}")
+            raise ValueError(f"unknown representation '{self.representation}'; choose {', '.join(REPRESENTATIONS)}")
         if not self.iterations or any(int(n) < 1 for n in self.iterations):
             raise ValueError(f"iterations must be >= 1 per scale, got {list(self.iterations)}")
         if self.learning_rate <= 0 or self.grad_sigma < 0 or self.warp_sigma < 0:

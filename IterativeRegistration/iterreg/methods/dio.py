@@ -23,7 +23,7 @@ import torch
 from .base import Prompts, Step, standard_step_metrics
 from .learned import LearnedIterativeMethod, WorkingGrid, WorkingGridOptions
 from ..errors import InputError
-from ..feature_optimizer import REPRESENTATIONS, FieldPrompts, SolverSettings, combine, differentiable_steps, \
+from ..feature_optimizer import FieldPrompts, SolverSettings, combine, differentiable_steps, \
     optimise, to_displacement
 from ..networks.dio import DIOConfig, FeatureNetwork
 from ..spatial import rescale_spacing, rescale_voxel_points, rescale_voxel_vectors, resize_displacement, \
@@ -45,16 +45,17 @@ class DIOOptions(WorkingGridOptions):
     refine_scales: tuple = (2,)  # scales a warm-started run (a refinement) optimises: the prompts' pull is
     # smooth (prompt_radius_mm), so the half-resolution grid carries it at an eighth of the cost (3D)
 
+    def solver_settings(self, iterations: tuple | None = None) -> SolverSettings:
+        """The optimization layer's settings these options ask for (``iterations`` replaces the per-scale counts)."""
+        return SolverSettings(self.representation, tuple(iterations or self.iterations), self.learning_rate,
+                              self.grad_sigma, self.warp_sigma, self.tolerance, self.patience)
+
     def check(self) -> None:
         super().check()
-        if self.representation not in REPRESENTATIONS:
-            raise InputError(f"unknown representation '{self.representation}'; choose {', '.join(REPRESENTATIONS)}")
-        if not self.iterations or any(int(n) < 1 for n in self.iterations):
-            raise InputError(f"iterations must be >= 1 per scale, got {list(self.iterations)}")
-        if self.learning_rate <= 0 or self.grad_sigma < 0 or self.warp_sigma < 0:
-            raise InputError("learning_rate must be > 0 and grad_sigma, warp_sigma >= 0")
-        if self.tolerance < 0 or self.patience < 1:
-            raise InputError("tolerance must be >= 0 and patience >= 1")
+        try:  # the solver owns its own validation; here its message becomes the user's
+            self.solver_settings().check()
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
         if self.prompt_weight < 0 or self.prompt_radius_mm <= 0 or self.label_weight < 0:
             raise InputError("prompt_weight and label_weight must be >= 0 and prompt_radius_mm > 0")
         if not self.refine_scales:
@@ -101,9 +102,7 @@ class DIOMethod(LearnedIterativeMethod):
         counts = [int(opts.iterations[all_scales.index(s)]) for s in scales]
         if sum(counts) > steps:  # the step budget caps the iterations, shared in proportion
             counts = [max(1, int(c * steps / sum(counts))) for c in counts]
-        settings = SolverSettings(opts.representation, tuple(counts), opts.learning_rate, opts.grad_sigma,
-                                  opts.warp_sigma, opts.tolerance, opts.patience)
-        return settings, counts
+        return opts.solver_settings(tuple(counts)), counts
 
     def _field_prompts(self, prompts: Prompts | None, fixed: torch.Tensor, grid: WorkingGrid) -> FieldPrompts | None:
         if prompts is None:

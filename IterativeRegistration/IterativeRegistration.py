@@ -482,6 +482,9 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             self.ui.channelComboBox.addItems(list(step.channels))
 
     def onFinished(self, run):
+        if run.state == "completed" and run.steps_done:  # converged before the step budget: the run is done
+            self.ui.progressBar.maximum = run.steps_done
+            self.ui.progressBar.value = run.steps_done
         message = run.message
         before, after = run.summary.get("tre_before_mm"), run.summary.get("tre_after_mm")
         if before is not None and after is not None and before == before and after == after:  # not NaN

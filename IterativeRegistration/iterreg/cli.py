@@ -1,6 +1,7 @@
 """Command line: ``iterreg register``, ``iterreg demo``, ``iterreg methods``.
 
-Bad input exits with status 2 and one line ``iterreg: error: <problem and what to do>``; nothing is written.
+Bad input (or an output folder that cannot be written) exits with status 2 and one line ``iterreg: error: <problem
+and what to do>``; a run that does not fit in memory exits with status 3 the same way. Nothing is written.
 """
 from __future__ import annotations
 
@@ -147,6 +148,18 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"iterreg: error: {exc}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as exc:
+        from .devices import describe_out_of_memory, is_out_of_memory
+        from .memory_budget import NotEnoughMemory
+
+        if isinstance(exc, NotEnoughMemory):  # the pre-flight check, before any work
+            print(f"iterreg: error: {exc}", file=sys.stderr)
+            return 3
+        if is_out_of_memory(exc):  # ran out mid-run after all (another program grew, a GPU shared)
+            message = describe_out_of_memory(exc, None, getattr(args, "device", ""), getattr(args, "method", ""))
+            print(f"iterreg: error: {message}; no partial output was kept", file=sys.stderr)
+            return 3
+        raise
     except KeyboardInterrupt:
         print("iterreg: interrupted; no partial output was kept", file=sys.stderr)
         return 130

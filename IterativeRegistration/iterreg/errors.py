@@ -3,3 +3,7 @@
 
 class InputError(ValueError):
     """Bad input from the user (files, images, landmarks, options); shown as one line, never a traceback."""
+
+
+class OutputError(InputError):
+    """Results could not be written (disk full, read-only or vanished folder); nothing half-written is left."""

@@ -18,14 +18,14 @@ from .atomic import atomic_file
 from .errors import InputError
 from .geometry import Geometry
 
-__all__ = ["read_image", "write_image_atomic", "validate_image", "validate_pair_overlap", "resample_onto",
-           "normalise_intensity", "RegistrationPair", "prepare_pair", "check_label_geometry"]
+__all__ = ["read_image", "read_image_size", "write_image_atomic", "validate_image", "validate_pair_overlap",
+           "resample_onto", "normalise_intensity", "RegistrationPair", "prepare_pair", "resample_through_field",
+           "check_label_geometry"]
 
 READABLE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
-def read_image(path: str | os.PathLike, role: str) -> sitk.Image:
-    """Read a NIfTI/NRRD/MHA image, or raise :class:`InputError` naming ``role`` and the problem."""
+def _readable_path(path: str | os.PathLike, role: str) -> Path:
     p = Path(path)
     if not p.exists():
         raise InputError(f"{role} '{p}' does not exist")
@@ -33,12 +33,34 @@ def read_image(path: str | os.PathLike, role: str) -> sitk.Image:
         raise InputError(f"{role} '{p}' is a folder; give an image file (.nii.gz, .nrrd, .mha)")
     if not os.access(p, os.R_OK):
         raise InputError(f"{role} '{p}' is not readable (check its permissions)")
+    return p
+
+
+def _unreadable(p: Path, role: str, exc: RuntimeError) -> InputError:
+    first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
+    return InputError(f"{role} '{p}' could not be read as an image ({first.strip()}); "
+                      f"supported: {', '.join(READABLE_SUFFIXES)}")
+
+
+def read_image(path: str | os.PathLike, role: str) -> sitk.Image:
+    """Read a NIfTI/NRRD/MHA image, or raise :class:`InputError` naming ``role`` and the problem."""
+    p = _readable_path(path, role)
     try:
         return sitk.ReadImage(str(p))
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
-        raise InputError(f"{role} '{p}' could not be read as an image ({first.strip()}); "
-                         f"supported: {', '.join(READABLE_SUFFIXES)}") from None
+        raise _unreadable(p, role, exc) from None
+
+
+def read_image_size(path: str | os.PathLike, role: str) -> tuple[int, ...]:
+    """The voxel counts from the file's header alone (no pixel data is read), e.g. to check memory first."""
+    p = _readable_path(path, role)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise _unreadable(p, role, exc) from None
+    return tuple(int(s) for s in reader.GetSize())
 
 
 def write_image_atomic(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> None:
@@ -57,6 +79,10 @@ def validate_image(image: sitk.Image, role: str) -> None:
     size = image.GetSize()
     if min(size) < 1 or int(np.prod(size)) < 8:
         raise InputError(f"{role} is empty or tiny ({'x'.join(map(str, size))} voxels)")
+    if any(n == 2 for n in size):  # 1 is a 2D image (one slice); differences and smoothing need 3 or more
+        axis = "IJK"[size.index(2)]
+        raise InputError(f"{role} has only 2 voxels along its {axis} axis ({'x'.join(map(str, size))}); "
+                         "registration needs at least 3 (or exactly 1 for a single 2D slice): use more slices")
     array = sitk.GetArrayViewFromImage(image)
     finite = np.isfinite(array)
     if not finite.all():
@@ -119,6 +145,7 @@ class RegistrationPair:
     moving_intensity: IntensityRecord
     overlap_fraction: float = 1.0
     notes: list[str] = field(default_factory=list)
+    moving_image: sitk.Image | None = None  # the original, for resampling the result in one interpolation
 
     @property
     def ndim(self) -> int:
@@ -128,6 +155,18 @@ class RegistrationPair:
         self.fixed = self.fixed.to(device)
         self.moving = self.moving.to(device)
         return self
+
+
+def resample_through_field(moving: sitk.Image, displacement: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """The original moving image resampled once through ``displacement`` (voxels, ``[ndim, *array_shape]`` on
+    ``geometry``): what ITK or Slicer give when the written field is applied. Resampling the moving image onto
+    the fixed grid and then warping it there would interpolate twice, visibly blurring oblique or
+    differently-gridded inputs."""
+    field_image = sitk.Cast(geometry.displacement_to_sitk(displacement), sitk.sitkVectorFloat64)
+    transform = sitk.DisplacementFieldTransform(field_image)
+    warped = sitk.Resample(sitk.Cast(moving, sitk.sitkFloat32), geometry.reference_image(), transform,
+                           sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(warped)
 
 
 def prepare_pair(fixed: sitk.Image, moving: sitk.Image) -> RegistrationPair:
@@ -149,7 +188,7 @@ def prepare_pair(fixed: sitk.Image, moving: sitk.Image) -> RegistrationPair:
         fixed=torch.from_numpy(fixed_norm)[None, None],
         moving=torch.from_numpy(moving_norm)[None, None],
         geometry=geometry, moving_raw_on_fixed=moving_arr, fixed_intensity=fixed_rec,
-        moving_intensity=moving_rec, overlap_fraction=overlap, notes=notes)
+        moving_intensity=moving_rec, overlap_fraction=overlap, notes=notes, moving_image=moving)
 
 
 def check_label_geometry(labels: sitk.Image, image: sitk.Image, role: str) -> None:

@@ -20,14 +20,16 @@ import torch
 
 from .atomic import atomic_file
 from .devices import resolve_device
-from .errors import InputError
+from .errors import InputError, OutputError
 from .geometry import Geometry
-from .imaging import check_label_geometry, prepare_pair, read_image, resample_onto, write_image_atomic
+from .imaging import (check_label_geometry, prepare_pair, read_image, read_image_size, resample_onto,
+                      resample_through_field, write_image_atomic)
+from .memory_budget import check_memory
 from .landmarks import landmarks_on_fixed_grid, pair_landmarks, read_landmarks
 from .methods import Prompts, Step, get_method
 from .metrics import dice, field_regularity, hd95, tre
 from .pictures import StepPictures
-from .spatial import sample_displacement_at, warp, warp_labels
+from .spatial import sample_displacement_at, warp_labels
 
 __all__ = ["RegistrationRequest", "RegistrationResult", "register_files"]
 
@@ -118,6 +120,9 @@ def register_files(request: RegistrationRequest, on_step: Callable[[Step], None]
     """Run one registration; raises :class:`InputError` (nothing written) for bad input."""
     method_cls = get_method(request.method)
     device = resolve_device(request.device)
+    # Before any pixel is read: does the run fit in memory? (sizes from the headers)
+    check_memory(method_cls, read_image_size(request.fixed, "fixed image"),
+                 read_image_size(request.moving, "moving image"), device)
     fixed = read_image(request.fixed, "fixed image")
     moving = read_image(request.moving, "moving image")
     pair = prepare_pair(fixed, moving)
@@ -185,17 +190,31 @@ def _run_and_save(request, method, pair, evaluation, steps, prompts, staging: Pa
     if last is None:
         raise RuntimeError(f"method '{request.method}' produced no step")
     displacement = last.displacement.detach().cpu()
-    geometry = pair.geometry
-
     identity = torch.zeros_like(displacement)
     evaluation_result = {"before": evaluation.score(identity), "after": evaluation.score(displacement),
                          "regularity": field_regularity(displacement)}
     if init is not None:  # a refinement: also how good the field it started from was
         evaluation_result["start"] = evaluation.score(init.cpu())
 
+    try:
+        files = _write_outputs(request, method, pair, evaluation, pictures, records, steps, runtime,
+                               evaluation_result, displacement, staging)
+    except (OSError, RuntimeError) as exc:  # SimpleITK reports a failed write as RuntimeError
+        reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[-1]
+        raise OutputError(f"could not write the results into '{out}' ({reason}); free some disk space or choose "
+                          "another output folder - nothing was written there") from None
+    for name in files:  # publish: each file appears complete, then the staging folder goes
+        (staging / name).replace(out / name)
+    staging.rmdir()
+    return RegistrationResult(out, len(records), runtime, evaluation_result, files)
+
+
+def _write_outputs(request, method, pair, evaluation, pictures, records, steps, runtime, evaluation_result,
+                   displacement, staging: Path) -> list[str]:
+    """Every result file, complete, in the private staging folder; returns their names."""
+    geometry = pair.geometry
     files = []
-    moving_raw = torch.from_numpy(pair.moving_raw_on_fixed)[None, None]
-    warped_raw = warp(moving_raw, displacement)[0, 0].numpy()
+    warped_raw = resample_through_field(pair.moving_image, displacement[0].numpy(), geometry)
     write_image_atomic(geometry.apply_to(sitk.GetImageFromArray(warped_raw)), staging / "warped.nii.gz")
     files.append("warped.nii.gz")
     field_image = sitk.Cast(geometry.displacement_to_sitk(displacement[0].numpy()), sitk.sitkVectorFloat32)
@@ -203,7 +222,8 @@ def _run_and_save(request, method, pair, evaluation, steps, prompts, staging: Pa
     files.append("displacement.nii.gz")
     if evaluation.moving_labels is not None:
         warped_labels = warp_labels(evaluation.moving_labels, displacement)[0, 0].numpy().astype(np.int16)
-        write_image_atomic(geometry.apply_to(sitk.GetImageFromArray(warped_labels)), staging / "warped_labels.nii.gz")
+        write_image_atomic(geometry.apply_to(sitk.GetImageFromArray(warped_labels)),
+                           staging / "warped_labels.nii.gz")
         files.append("warped_labels.nii.gz")
     with atomic_file(staging / "metrics.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -224,7 +244,4 @@ def _run_and_save(request, method, pair, evaluation, steps, prompts, staging: Pa
     with atomic_file(staging / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=1, default=str))
     files.append("summary.json")
-    for name in files:  # publish: each file appears complete, then the staging folder goes
-        (staging / name).replace(out / name)
-    staging.rmdir()
-    return RegistrationResult(out, len(records), runtime, evaluation_result, files)
+    return files

@@ -167,9 +167,12 @@ def main() -> int:
 def _describe_failure(exc: BaseException, job: Job) -> tuple[str, str]:
     from .errors import InputError
     from .devices import describe_out_of_memory, is_out_of_memory
+    from .memory_budget import NotEnoughMemory
 
     if isinstance(exc, InputError):
         return "input", str(exc)
+    if isinstance(exc, NotEnoughMemory):  # the pre-flight check: its message already says what to do
+        return "out_of_memory", str(exc)
     if is_out_of_memory(exc):
         return "out_of_memory", describe_out_of_memory(exc, job.fixed_geometry.get("size"), job.device, job.method)
     if isinstance(exc, KeyboardInterrupt):
@@ -194,7 +197,10 @@ def _run(job: Job, channel: EventChannel, control: Control, ring: Ring | None) -
     threads = set_cpu_threads(job.threads)
     device = resolve_device(job.device)
     method_cls = get_method(job.method)
-    pair, prompts, init = _load_inputs(job)
+    from .memory_budget import check_memory
+    fixed_geometry, moving_geometry = _job_geometries(job)
+    check_memory(method_cls, fixed_geometry.size, moving_geometry.size, device)  # before any array is loaded
+    pair, prompts, init = _load_inputs(job, fixed_geometry, moving_geometry)
     method = method_cls.create(job.checkpoint, device, job.options, ndim=pair.geometry.image_ndim)
     steps = method.check_inputs(pair.fixed, pair.moving, job.steps)
     if prompts is not None:
@@ -247,7 +253,10 @@ def _run(job: Job, channel: EventChannel, control: Control, ring: Ring | None) -
     # The output never depends on the ring: files in the private job folder, each written then renamed.
     from .spatial import jacobian_determinant
 
-    outputs = output_arrays(last, ("displacement", "warped"))
+    from .imaging import resample_through_field
+
+    outputs = output_arrays(last, ("displacement",))
+    outputs["warped"] = resample_through_field(pair.moving_image, outputs["displacement"], pair.geometry)
     outputs["jacobian_determinant"] = jacobian_determinant(last.displacement.detach().float())[0].cpu().numpy()
     files = {name: str(save_array(job.folder, f"result_{name}", np.ascontiguousarray(a)))
              for name, a in outputs.items()}
@@ -258,23 +267,27 @@ def _run(job: Job, channel: EventChannel, control: Control, ring: Ring | None) -
     return EXIT_CODES["ok"]
 
 
-def _load_inputs(job: Job):
+def _job_geometries(job: Job):
+    from .errors import InputError
+    from .geometry import Geometry
+
+    try:
+        return Geometry.from_dict(job.fixed_geometry), Geometry.from_dict(job.moving_geometry)
+    except ValueError as exc:
+        raise InputError(f"bad image geometry in the job: {exc}") from None
+
+
+def _load_inputs(job: Job, fixed_geometry, moving_geometry):
     """Job folder -> prepared pair on the fixed grid, landmark prompts (voxels) and warm-start field."""
     import numpy as np
     import SimpleITK as sitk
     import torch
 
     from .errors import InputError
-    from .geometry import Geometry
     from .imaging import prepare_pair
     from .landmarks import landmarks_on_fixed_grid
     from .worker_protocol import load_array
 
-    try:
-        fixed_geometry = Geometry.from_dict(job.fixed_geometry)
-        moving_geometry = Geometry.from_dict(job.moving_geometry)
-    except ValueError as exc:
-        raise InputError(f"bad image geometry in the job: {exc}") from None
     images = []
     for role, geometry in (("fixed", fixed_geometry), ("moving", moving_geometry)):
         array = load_array(job.folder, role)

@@ -8,7 +8,7 @@ __all__ = ["REQUIRED", "missing_packages", "install"]
 
 # import name -> pip requirement (torch comes from the PyTorch extension when it is installed)
 REQUIRED = {"torch": "torch", "SimpleITK": "SimpleITK", "monai": "monai>=1.4", "safetensors": "safetensors",
-            "torchdeq": "torchdeq==0.1.0"}
+            "torchdeq": "torchdeq==0.1.0", "psutil": "psutil>=5.9"}
 
 
 def missing_packages() -> list[str]:

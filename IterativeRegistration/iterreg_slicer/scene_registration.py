@@ -252,7 +252,12 @@ class SceneRegistration:
         return text
 
     def _on_log(self, level: str, text: str) -> None:
-        """Warnings the user should see (e.g. channels shown at reduced resolution) are kept for the panel."""
+        """Warnings the user should see (e.g. channels shown at reduced resolution) are kept for the panel;
+        every worker line also goes to Slicer's application log (Python logging), for troubleshooting."""
+        import logging
+
+        logging.getLogger("IterativeRegistration.worker").log(
+            logging.WARNING if level == "warning" else logging.INFO, text)
         if level == "warning":
             self.warnings.append(text)
 
@@ -355,6 +360,9 @@ class SceneRegistration:
             set_grid_transform(self.nodes["transform"], displacement, self.geometry)
             if not self.records or self.records[-1].index != result.index:  # the last step always plays
                 self.records.append(_Recorded(result.index, displacement, result.arrays.get("warped"), None))
+            elif result.arrays.get("warped") is not None:  # the final warped volume is resampled once (ITK)
+                last = self.records[-1]
+                self.records[-1] = _Recorded(last.index, last.displacement, result.arrays["warped"], last.channel)
             self._final_outputs(result.arrays)
         if self.records:  # also after a crash: the steps received stay playable
             self._sequences()

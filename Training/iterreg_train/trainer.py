@@ -22,7 +22,7 @@ import torch.distributed as dist
 import yaml
 
 from iterreg import losses
-from iterreg.atomic import atomic_file
+from iterreg.atomic import atomic_file, interrupted_writes
 from iterreg.checkpoints import save_checkpoint
 from iterreg.devices import resolve_device
 from iterreg.errors import InputError
@@ -158,6 +158,9 @@ def train(config: dict, source: PairSource, out: str | Path, resume: bool = Fals
         if resume and not state_path.exists():
             raise InputError(f"nothing to resume in '{out}' ({STATE_FILE} is missing); drop --resume to start afresh")
         out.mkdir(parents=True, exist_ok=True)
+        for name in (STATE_FILE, "last.safetensors", "best.safetensors", "history.jsonl", "config.yaml"):
+            for leftover in interrupted_writes(out / name):  # a run killed mid-write; the real file is whole
+                leftover.unlink()
         with atomic_file(out / "config.yaml") as tmp:
             tmp.write_text(yaml.safe_dump(config, sort_keys=False))
 

@@ -119,6 +119,9 @@ class RegistrationMethod(ABC):
     supported_ndims: ClassVar[tuple[int, ...]] = (2, 3)
     needs_checkpoint: ClassVar[bool] = False
     refines: ClassVar[bool] = False  # continues from a given field (init) with landmark prompts: "Refine"
+    # Peak bytes a run adds per fixed-grid voxel (measured: Testing/benchmark_memory.py); the pre-flight memory
+    # check (iterreg.memory_budget) uses it. Conservative for a method that has not been measured yet.
+    memory_per_voxel: ClassVar[float] = 2000.0
     Options: ClassVar[type[MethodOptions]] = MethodOptions
 
     def __init_subclass__(cls, **kwargs):

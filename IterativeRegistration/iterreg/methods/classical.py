@@ -55,6 +55,7 @@ class ClassicalMethod(RegistrationMethod):
     description = "Dense displacement optimised per image pair; no training needed."
     default_steps = 150
     max_steps = 5000
+    memory_per_voxel = 700  # bytes per fixed-grid voxel, measured (Docs/benchmarks.md, 'memory')
     Options = ClassicalOptions
     refines = True
 

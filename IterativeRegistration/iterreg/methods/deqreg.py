@@ -38,6 +38,7 @@ class DEQRegMethod(LearnedIterativeMethod):
                    "vanishes, and stays stable beyond its training iterations.")
     default_steps = 48
     max_steps = 500
+    memory_per_voxel = 300  # bytes per fixed-grid voxel, measured (Docs/benchmarks.md, 'memory')
     needs_checkpoint = True
     Options = DEQRegOptions
     network_class, config_class = DEQRegNetwork, DEQRegConfig

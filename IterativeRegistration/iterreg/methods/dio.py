@@ -15,6 +15,8 @@ result instead of starting again.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -69,6 +71,7 @@ class DIOMethod(LearnedIterativeMethod):
                    "Free-form or diffeomorphic at run time; landmark and label prompts refine the result.")
     default_steps = 350
     max_steps = 5000
+    memory_per_voxel = 350  # bytes per fixed-grid voxel, measured (Docs/benchmarks.md, 'memory')
     needs_checkpoint = True
     Options = DIOOptions
     refines = True
@@ -131,6 +134,18 @@ class DIOMethod(LearnedIterativeMethod):
         return FieldPrompts(weight=prompts.weight * self.options.prompt_weight,
                             radius_mm=self.options.prompt_radius_mm, **points, **labels)
 
+    @staticmethod
+    def _scales_that_fit(scales: list[int], shape) -> list[int]:
+        """Drop the coarse scales at which a thin volume (a few thick slices) would have fewer than 3 voxels
+        along an axis: there the field's smoothing and finite differences are undefined, and the finer scales
+        still register it."""
+        fitting = [s for s in scales if min(math.ceil(n / s) for n in shape) >= 3]
+        if not fitting:
+            raise InputError(f"the volume is too thin for DIO: its working grid {'x'.join(map(str, shape))} has "
+                             f"fewer than 3 voxels along an axis even at scale 1/{min(scales)}; give at least "
+                             "3 slices")
+        return fitting
+
     def run(self, fixed, moving, steps=None, prompts: Prompts | None = None,
             init: torch.Tensor | None = None) -> Iterator[Step]:
         steps = self.check_inputs(fixed, moving, steps)
@@ -151,6 +166,7 @@ class DIOMethod(LearnedIterativeMethod):
             scales = [s for s in all_scales if s in self.options.refine_scales]
             base_image = init.to(self.device, torch.float32)
             base = grid.displacement_down(base_image)
+        scales = self._scales_that_fit(scales, grid.shape)
         settings, _ = self._settings(scales, steps)
         field_prompts = self._field_prompts(prompts, fixed, grid)
         fixed_w, moving_w = grid.image_down(fixed), grid.image_down(moving)

@@ -15,6 +15,7 @@ class IdentityMethod(RegistrationMethod):
     description = "Leaves the moving image where it is (after resampling onto the fixed grid)."
     default_steps = 1
     max_steps = 1
+    memory_per_voxel = 300  # bytes per fixed-grid voxel, measured (Docs/benchmarks.md, 'memory')
 
     def run(self, fixed, moving, steps=None, prompts: Prompts | None = None,
             init: torch.Tensor | None = None) -> Iterator[Step]:

@@ -45,6 +45,7 @@ class IIRPMethod(LearnedIterativeMethod):
                    "fine, until the image similarity stops improving (IterStop).")
     default_steps = 4 * 10
     max_steps = 200
+    memory_per_voxel = 300  # bytes per fixed-grid voxel, measured (Docs/benchmarks.md, 'memory')
     needs_checkpoint = True
     Options = IIRPOptions
     network_class, config_class = RPNet, IIRPConfig

@@ -29,6 +29,7 @@ class RIIRMethod(LearnedIterativeMethod):
                    "gradient, the warped image and its own hidden state.")
     default_steps = 6
     max_steps = 100
+    memory_per_voxel = 300  # bytes per fixed-grid voxel, measured (Docs/benchmarks.md, 'memory')
     needs_checkpoint = True
     Options = RIIROptions
     network_class, config_class = RIIRNetwork, RIIRConfig

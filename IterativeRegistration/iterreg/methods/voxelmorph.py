@@ -28,6 +28,7 @@ class VoxelMorphMethod(NetworkMethod):
     description = "A single U-Net pass predicts the displacement; the baseline the iterative methods improve on."
     default_steps = 1
     max_steps = 1
+    memory_per_voxel = 600  # bytes per fixed-grid voxel, measured (Docs/benchmarks.md, 'memory')
     needs_checkpoint = True
     Options = VoxelMorphOptions
 

@@ -164,7 +164,8 @@ def main() -> int:
         print(f"elastix mean runtime in this run: {ref:.1f} s")
     if not args.no_write:
         body = "\n".join([
-            f"## Baselines on generated MNI pairs ({args.size}^3): identity, classical, learned one-step, elastix",
+            f"## All methods on generated MNI pairs ({args.size}^3): identity, classical, elastix, VoxelMorph, the "
+            "iterative methods",
             "",
             f"Run {date.today().isoformat()} on {machine()}, by `Testing/benchmark_baselines.py --size {args.size} "
             f"--pairs {args.pairs} --first-seed {args.first_seed}`.",

@@ -121,6 +121,16 @@ def test_run_streams_steps_and_the_slider_scrubs_the_result(panel, qtbot, sample
     assert ui.channelComboBox.currentText == "gradient"
 
 
+def test_a_run_that_converges_before_its_step_budget_ends_with_a_full_progress_bar(panel, qtbot, sample_pair):
+    widget, scene = panel
+    select_pair(widget, scene, sample_pair)
+    widget.ui.stepsSpinBox.value = 1000
+    widget.ui.runButton.click()
+    qtbot.waitUntil(lambda: not widget.run.running, timeout=300000)
+    assert widget.run.state == "completed" and widget.run.steps_done < 1000  # stopped by its own rule
+    assert widget.ui.progressBar.value == widget.ui.progressBar.maximum == widget.run.steps_done
+
+
 def test_cancel_stops_the_run_and_re_enables_run(panel, qtbot, sample_pair):
     widget, scene = panel
     ui = widget.ui

@@ -100,6 +100,13 @@ class LearnedScriptedMethod(ScriptedMethod):
         return cls(cls.Options.from_dict(options), device)
 
 
+@register_method
+class HungryScriptedMethod(ScriptedMethod):
+    """Declares a memory need no machine has: exercises the worker's pre-flight memory check."""
+    name = "scripted_hungry"
+    memory_per_voxel = 1e15
+
+
 if __name__ == "__main__":
     from iterreg.worker import main
 

@@ -23,6 +23,7 @@ import vtk  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from iterreg.resources import sample_pair_dir  # noqa: E402
+sys.path.insert(0, str(HERE.parent / "IterativeRegistration"))
 from iterreg.sample_data import read_pair  # noqa: E402
 from iterreg_slicer.scene_registration import RunSettings, SceneRegistration  # noqa: E402
 from iterreg_slicer.views import show_in_slice_views  # noqa: E402
@@ -127,6 +128,42 @@ def network_strip(scene, view, fixed, moving, method: str, channel: str, steps: 
         path.unlink()
 
 
+def panel_png(pair, path: Path) -> None:
+    """The module panel itself after a finished run: the real .ui and widget code under Qt (offscreen); the
+    Slicer-specific widgets (node selectors, markups place buttons) are drawn by their test stand-ins."""
+    import time
+
+    slicer_harness.install_module_standins()
+    import qt
+    app = qt.QApplication.instance() or qt.QApplication([])
+    import IterativeRegistration as module
+
+    scene = slicer_harness.new_scene()
+    fixed = slicer_harness.add_volume(scene, "MNI fixed", pair.fixed)
+    moving = slicer_harness.add_volume(scene, "MNI moving", pair.moving)
+    widget = module.IterativeRegistrationWidget()
+    widget.logic = module.IterativeRegistrationLogic()
+    widget.setup()
+    widget.ui.fixedSelector.setCurrentNode(fixed)
+    widget.ui.movingSelector.setCurrentNode(moving)
+    widget.ui.stepsSpinBox.value = 40
+    widget.parent.resize(440, 1000)
+    widget.parent.show()
+    widget.ui.runButton.click()
+    deadline = time.monotonic() + 300
+    while widget.run is not None and widget.run.client is not None and widget.run.client.running \
+            and time.monotonic() < deadline:
+        app.processEvents()
+        time.sleep(0.02)
+    for _ in range(20):
+        app.processEvents()
+    widget.parent.adjustSize()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    widget.parent.grab().save(str(tmp))
+    os.replace(tmp, path)
+    widget.cleanup()
+
+
 def main() -> int:
     OUT.mkdir(exist_ok=True)
     pair = read_pair(sample_pair_dir())
@@ -191,6 +228,7 @@ def main() -> int:
                   lambda step: step.metrics.get("iteration") == 1 and step.metrics.get("level") in (3, 1), "iirp_levels")
     network_strip(scene, view, fixed, moving, "dio", "fixed_features", 350,
                   lambda step: step.metrics.get("iteration") == 1, "dio_features")
+    panel_png(pair, OUT / "panel.png")
     print(f"wrote {len(list(OUT.glob('*.png')))} pictures to {OUT}")
     return 0
 

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Regenerate Docs/benchmarks.md: every section, with the arguments its numbers were recorded with.
+# Each script replaces only its own section (between <!-- key:begin --> and <!-- key:end -->) and names the
+# machine it ran on. Long: about 3 hours on a 2-core CPU. Run one section by passing its key, e.g.
+#   bash scripts/benchmarks.sh memory baselines-64
+# Needs the benchmark extra for the elastix baseline: .venv/bin/pip install -e ".[benchmark]"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export PYTHONPATH="IterativeRegistration:Training:Testing${PYTHONPATH:+:$PYTHONPATH}"
+export QT_QPA_PLATFORM=offscreen
+PY=.venv/bin/python
+
+declare -A SECTIONS=(
+    [baselines-64]="Testing/benchmark_baselines.py --size 64 --pairs 4 --first-seed 200"
+    [baselines-96]="Testing/benchmark_baselines.py --size 96 --pairs 3"
+    [baselines-128]="Testing/benchmark_baselines.py --size 128 --pairs 3 --first-seed 200"
+    [memory]="Testing/benchmark_memory.py --sizes 48 96"
+    [worker]="Testing/benchmark_worker.py --steps 30"
+    [scene]="Testing/benchmark_scene_updates.py --steps 20"
+    [riir-deqreg-memory]="Testing/benchmark_riir_deqreg.py memory --size 64"
+    [riir-deqreg-convergence]="Testing/benchmark_riir_deqreg.py convergence --size 64 --pairs 3 --first-seed 200"
+    [iirp-iterstop]="Testing/benchmark_iirp_r2n2.py iterstop"
+    [dio-accuracy]="Testing/benchmark_dio.py accuracy"
+    [dio-prompts]="Testing/benchmark_dio.py prompts"
+    [dio-robustness]="Testing/benchmark_dio.py robustness"
+)
+ORDER=(baselines-64 memory worker scene riir-deqreg-memory riir-deqreg-convergence iirp-iterstop dio-accuracy
+       dio-prompts dio-robustness baselines-96 baselines-128)
+
+keys=("$@")
+[ ${#keys[@]} -eq 0 ] && keys=("${ORDER[@]}")
+for key in "${keys[@]}"; do
+    if [ -z "${SECTIONS[$key]+x}" ]; then
+        echo "unknown section '$key'; choose from: ${ORDER[*]}" >&2
+        exit 2
+    fi
+    echo "== $key: $PY ${SECTIONS[$key]}"
+    # shellcheck disable=SC2086  # the arguments are meant to split
+    $PY ${SECTIONS[$key]}
+done

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Regenerate Docs/benchmarks.md: every section, with the arguments its numbers were recorded with.
 # Each script replaces only its own section (between <!-- key:begin --> and <!-- key:end -->) and names the
-# machine it ran on. Long: about 3 hours on a 2-core CPU. Run one section by passing its key, e.g.
+# machine it ran on. Long on a CPU (memory + baselines-64 alone: 14 minutes on 2 cores). Run one section by
+# passing its key, e.g.
 #   bash scripts/benchmarks.sh memory baselines-64
-# Needs the benchmark extra for the elastix baseline: .venv/bin/pip install -e ".[benchmark]"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+.venv/bin/python -c "import itk; itk.elastix_registration_method" 2>/dev/null \
+    || .venv/bin/python -m pip install --quiet -e ".[benchmark]"  # the itk-elastix baseline
 export PYTHONPATH="IterativeRegistration:Training:Testing${PYTHONPATH:+:$PYTHONPATH}"
 export QT_QPA_PLATFORM=offscreen
 PY=.venv/bin/python

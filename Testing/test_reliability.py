@@ -457,6 +457,21 @@ def test_cancel_twice_and_after_the_end_changes_nothing(leak_check):
     assert client.state == "cancelled" and client.result is result and result is not None
 
 
+def test_cancel_while_the_worker_saves_the_final_result_keeps_the_completed_result(leak_check):
+    """The last step has arrived, so the worker is writing the result files when the cancel comes: the run is
+    complete, and cancelling must not throw its result away."""
+    from iterreg.worker_client import WorkerClient
+
+    def on_step(step):
+        if step.final:
+            client.cancel()
+
+    client = WorkerClient(tiny_request(steps=3), on_step=on_step)
+    leak_check(client)
+    assert client.start().wait(timeout=120) == "completed"
+    assert client.result is not None and client.result.arrays["warped"].shape == (24, 24, 24)
+
+
 def test_a_run_that_would_not_fit_in_memory_is_refused_by_the_worker_before_loading(leak_check, monkeypatch):
     """The worker checks memory itself (Slicer's volumes arrive as arrays): here with a declared need far above
     any machine's memory for a 24^3 grid."""

@@ -574,7 +574,8 @@ class WorkerClient:
                 self.failure.exit_code = code
                 self.state = "failed"
             elif self.done:
-                self.state = "cancelled" if self.done.get("reason") == "cancelled" or self._cancel_at else "completed"
+                # the worker decides: a cancel that arrives after the final step (while it saves) changes nothing
+                self.state = "cancelled" if self.done.get("reason") == "cancelled" else "completed"
             elif self._cancel_at is not None:
                 self.state = "cancelled"
             else:

@@ -125,6 +125,7 @@ def test_a_run_that_converges_before_its_step_budget_ends_with_a_full_progress_b
     widget, scene = panel
     select_pair(widget, scene, sample_pair)
     widget.ui.stepsSpinBox.value = 1000
+    widget.ui.toleranceSpinBox.value = 0.01  # a loose stopping rule: converged within a few steps
     widget.ui.runButton.click()
     qtbot.waitUntil(lambda: not widget.run.running, timeout=300000)
     assert widget.run.state == "completed" and widget.run.steps_done < 1000  # stopped by its own rule

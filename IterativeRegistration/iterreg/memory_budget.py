@@ -17,7 +17,9 @@ __all__ = ["NotEnoughMemory", "available_bytes", "estimated_bytes", "check_memor
 # The estimate is a measured slope; keep a margin for what it does not see (allocator fragmentation, a larger
 # channel selection, another process growing meanwhile).
 SAFETY_FACTOR = 1.2
-# Reading, resampling and normalising the moving image: float32 copies of it (measured ~3; rounded up).
+# Reading, casting and resampling the moving image: about three float32 copies of it (counted in
+# imaging.prepare_pair, not measured), rounded up. The methods' measured slopes were taken with moving and
+# fixed of one size, so they already include this once: for a moving image on its own grid it errs high.
 MOVING_BYTES_PER_VOXEL = 16
 
 

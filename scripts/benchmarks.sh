@@ -26,9 +26,10 @@ declare -A SECTIONS=(
     [dio-accuracy]="Testing/benchmark_dio.py accuracy"
     [dio-prompts]="Testing/benchmark_dio.py prompts"
     [dio-robustness]="Testing/benchmark_dio.py robustness"
+    [dio-smoothing]="Testing/benchmark_dio.py smoothing --with-3d"
 )
 ORDER=(baselines-64 memory worker scene riir-deqreg-memory riir-deqreg-convergence iirp-iterstop dio-accuracy
-       dio-prompts dio-robustness baselines-96 baselines-128)
+       dio-smoothing dio-prompts dio-robustness baselines-96 baselines-128)
 
 keys=("$@")
 [ ${#keys[@]} -eq 0 ] && keys=("${ORDER[@]}")

@@ -63,24 +63,32 @@ HEADER = ["method", "Dice", "HD95 mm", "TRE mm", "folding %", "std log J", "time
 
 
 # --- accuracy -----------------------------------------------------------------------------------------------
+def _held_out_section(methods, ndim: int, size: int, count: int, first_seed: int, reference: str,
+                      header: list[str], shown: str = "dice", warm_up: bool = False) -> list[str]:
+    """Run every (name, method) on the same held-out pairs; a markdown sub-section with the mean scores, times
+    as ratios to ``reference``. ``warm_up``: one untimed run first (torch's one-time set-up)."""
+    from benchmark_iirp_r2n2 import pairs
+    results = {name: [] for name, _ in methods}
+    for k, (seed, pair, evaluation, _) in enumerate(pairs(ndim, size, count, first_seed)):
+        if warm_up and k == 0:
+            timed_run(methods[0][1], pair)
+        for name, method in methods:
+            steps, elapsed = timed_run(method, pair)
+            results[name].append({**full_score(evaluation, steps[-1].displacement), "time": elapsed})
+        print(f"{ndim}D pair {seed}: " + ", ".join(f"{n} {shown} {r[-1][shown]:.3f}" for n, r in results.items()),
+              flush=True)
+    grid = f"{size}^3" if ndim == 3 else f"{size}^2 axial slices"
+    return [f"### {ndim}D, {grid}, {count} held-out pairs (seeds {first_seed}-{first_seed + count - 1})", "",
+            markdown_table(header, _rows(results, reference)), ""]
+
+
 def accuracy(args) -> str:
     import torch
-
-    from benchmark_iirp_r2n2 import pairs
     torch.set_num_threads(2)
     sections = []
     for ndim, size, count in ((3, args.size, args.pairs), (2, 128, args.pairs_2d)):
-        methods = _methods(ndim, args)
-        results = {name: [] for name, _, _ in methods}
-        for seed, pair, evaluation, _ in pairs(ndim, size, count, args.first_seed):
-            for name, method, _ in methods:
-                steps, elapsed = timed_run(method, pair)
-                results[name].append({**full_score(evaluation, steps[-1].displacement), "time": elapsed})
-            print(f"{ndim}D pair {seed}: " + ", ".join(f"{n} {r[-1]['dice']:.3f}" for n, r in results.items()),
-                  flush=True)
-        grid = f"{size}^3" if ndim == 3 else f"{size}^2 axial slices"
-        sections += [f"### {ndim}D, {grid}, {count} held-out pairs (seeds {args.first_seed}-{args.first_seed + count - 1})",
-                     "", markdown_table(HEADER, _rows(results, "classical")), ""]
+        methods = [(name, method) for name, method, _ in _methods(ndim, args)]
+        sections += _held_out_section(methods, ndim, size, count, args.first_seed, "classical", HEADER)
     return "\n".join([
         "## DIO: learned features + optimization layer vs the classical optimizer and VoxelMorph", "",
         f"Run {date.today().isoformat()} on {machine()}, by `Testing/benchmark_dio.py accuracy`. DIO: the bundled "
@@ -96,7 +104,6 @@ def smoothing(args) -> str:
     our free-form results have no folding, so does the representation matter once the smoothing is gone?"""
     import torch
 
-    from benchmark_iirp_r2n2 import pairs
     from iterreg.methods import get_method
     from iterreg.resources import default_checkpoint
     torch.set_num_threads(args.threads)
@@ -107,19 +114,8 @@ def smoothing(args) -> str:
                      get_method("dio").create(checkpoint, options={"representation": representation,
                                                                    "warp_sigma": sigma}))
                     for sigma in (0.5, 0.0) for representation in REPRESENTATIONS]
-        results = {name: [] for name, _ in variants}
-        for k, (seed, pair, evaluation, _) in enumerate(pairs(ndim, size, count, args.first_seed)):
-            if k == 0:
-                timed_run(variants[0][1], pair)  # warm-up: the first run pays torch's one-time set-up
-            for name, method in variants:
-                steps, elapsed = timed_run(method, pair)
-                results[name].append({**full_score(evaluation, steps[-1].displacement), "time": elapsed})
-            print(f"{ndim}D pair {seed}: " + ", ".join(f"{n} {r[-1]['folding']:.3f}%" for n, r in results.items()),
-                  flush=True)
-        grid = f"{size}^3" if ndim == 3 else f"{size}^2 axial slices"
-        sections += [f"### {ndim}D, {grid}, {count} held-out pairs (seeds {args.first_seed}-{args.first_seed + count - 1})",
-                     "", markdown_table(HEADER[:-1] + ["time / free-form smoothed"],
-                                        _rows(results, "freeform, warp_sigma 0.5")), ""]
+        sections += _held_out_section(variants, ndim, size, count, args.first_seed, "freeform, warp_sigma 0.5",
+                                      HEADER[:-1] + ["time / free-form smoothed"], shown="folding", warm_up=True)
     return "\n".join([
         "## DIO: free-form vs diffeomorphic, with and without the field smoothing (the paper's Table 2)", "",
         f"Run {date.today().isoformat()} on {machine()}, by `Testing/benchmark_dio.py smoothing`. One bundled "

@@ -22,14 +22,15 @@ declare -A SECTIONS=(
     [scene]="Testing/benchmark_scene_updates.py --steps 20"
     [riir-deqreg-memory]="Testing/benchmark_riir_deqreg.py memory --size 64"
     [riir-deqreg-convergence]="Testing/benchmark_riir_deqreg.py convergence --size 64 --pairs 3 --first-seed 200"
+    [riir-deqreg-working-grid]="Testing/benchmark_riir_deqreg.py working-grid --size 128 --pairs 3 --first-seed 200"
     [iirp-iterstop]="Testing/benchmark_iirp_r2n2.py iterstop"
     [dio-accuracy]="Testing/benchmark_dio.py accuracy"
     [dio-prompts]="Testing/benchmark_dio.py prompts"
     [dio-robustness]="Testing/benchmark_dio.py robustness"
     [dio-smoothing]="Testing/benchmark_dio.py smoothing --with-3d"
 )
-ORDER=(baselines-64 memory worker scene riir-deqreg-memory riir-deqreg-convergence iirp-iterstop dio-accuracy
-       dio-smoothing dio-prompts dio-robustness baselines-96 baselines-128)
+ORDER=(baselines-64 memory worker scene riir-deqreg-memory riir-deqreg-convergence riir-deqreg-working-grid
+       iirp-iterstop dio-accuracy dio-smoothing dio-prompts dio-robustness baselines-96 baselines-128)
 
 keys=("$@")
 [ ${#keys[@]} -eq 0 ] && keys=("${ORDER[@]}")

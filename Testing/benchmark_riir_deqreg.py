@@ -2,7 +2,7 @@
 
     .venv/bin/python Testing/benchmark_riir_deqreg.py memory        # peak training memory, one child per setting
     .venv/bin/python Testing/benchmark_riir_deqreg.py convergence   # Dice / folding vs inference steps
-    .venv/bin/python Testing/benchmark_riir_deqreg.py working-grid --size 128   # trained vs finer working grid
+    .venv/bin/python Testing/benchmark_riir_deqreg.py working-grid  # trained vs finer working grid (64^3, 128^3)
 
 Accuracy and speed against identity, classical, VoxelMorph and elastix at 128^3 come from
 ``Testing/benchmark_baselines.py --size 128`` (it runs every method with a bundled checkpoint).
@@ -166,8 +166,8 @@ def convergence(args) -> str:
 
 
 def working_grid(args) -> str:
-    """The learned methods iterate on a working grid (by default the size they were trained on: RIIR and
-    DEQReg 32^3, IIRP-Net 64^3). On larger inputs, does a finer one (``working_size``) pay?"""
+    """The learned methods iterate on a working grid (by default the size they were trained on). On larger
+    inputs, does a finer one (``working_size``) pay? Each input size is its own table."""
     import time
 
     import torch
@@ -175,34 +175,42 @@ def working_grid(args) -> str:
     from benchmark_iirp_r2n2 import pairs
     from iterreg.methods import get_method
     torch.set_num_threads(2)
-    held_out = list(pairs(3, args.size, args.pairs, args.first_seed))
-    list(get_method("riir").create().run(held_out[0][1].fixed, held_out[0][1].moving))  # warm-up, untimed
-    rows = []
-    for name in ("riir", "deqreg", "iirp"):
-        reference_time = None
-        for working_size in (None, args.working_size):
-            method = get_method(name).create(options={} if working_size is None else {"working_size": working_size})
-            scores = []
-            for _, pair, evaluation, _ in held_out:
-                start = time.perf_counter()
-                steps = list(method.run(pair.fixed, pair.moving))
-                elapsed = time.perf_counter() - start
-                score = evaluation.score(steps[-1].displacement)
-                scores.append((score["dice_mean"], score["tre_mean_mm"], steps[-1].metrics["folding_percent"], elapsed))
-            dice, tre, folding, seconds = np.mean(scores, axis=0)
-            reference_time = reference_time or seconds
-            grid = "trained (default)" if working_size is None else f"{working_size} (option)"
-            rows.append([name, grid, f"{dice:.3f}", f"{tre:.2f}", f"{folding:.3f}", f"{seconds / reference_time:.2f}"])
-            print(name, grid, rows[-1][2:], flush=True)
-    table = markdown_table(["method", "working grid", "Dice", "TRE mm", "folding %", "time / default"], rows)
+    tables = []
+    for size in args.sizes:
+        held_out = list(pairs(3, size, args.pairs, args.first_seed))
+        list(get_method("riir").create().run(held_out[0][1].fixed, held_out[0][1].moving))  # warm-up, untimed
+        rows = []
+        for name in ("riir", "deqreg", "iirp"):
+            reference_time = None
+            for working_size in (None, args.working_size):
+                method = get_method(name).create(options={} if working_size is None else {"working_size": working_size})
+                scores = []
+                for _, pair, evaluation, _ in held_out:
+                    start = time.perf_counter()
+                    steps = list(method.run(pair.fixed, pair.moving))
+                    elapsed = time.perf_counter() - start
+                    score = evaluation.score(steps[-1].displacement)
+                    scores.append((score["dice_mean"], score["tre_mean_mm"], steps[-1].metrics["folding_percent"],
+                                   elapsed))
+                dice, tre, folding, seconds = np.mean(scores, axis=0)
+                reference_time = reference_time or seconds
+                grid = (f"{method.trained_working_size} (trained, default)" if working_size is None
+                        else f"{working_size} (option)")
+                rows.append([name, grid, f"{dice:.3f}", f"{tre:.2f}", f"{folding:.3f}",
+                             f"{seconds / reference_time:.2f}"])
+                print(size, name, grid, rows[-1][2:], flush=True)
+        tables += [f"### {size}^3 inputs", "",
+                   markdown_table(["method", "working grid", "Dice", "TRE mm", "folding %", "time / default"], rows),
+                   ""]
+    sizes = " ".join(map(str, args.sizes))
     return "\n".join([
-        f"## Learned methods on {args.size}^3 inputs: the trained working grid vs a finer one", "",
-        f"Run {date.today().isoformat()} on {machine()}, by `Testing/benchmark_riir_deqreg.py working-grid --size "
-        f"{args.size} --pairs {args.pairs} --working-size {args.working_size}`. Bundled 3D checkpoints; held-out "
-        f"generated pairs (seeds {args.first_seed}-{args.first_seed + args.pairs - 1}); mean over pairs. The "
-        "default working grid is the one each checkpoint was trained on (RIIR and DEQReg: 32 on the longest side, "
-        "IIRP-Net: 64); the option `working_size` runs the same checkpoint on a finer grid. Times are ratios to "
-        "the same method's default in this run (CPU, 2 threads).", "", table])
+        "## Learned methods: the trained working grid vs a finer one", "",
+        f"Run {date.today().isoformat()} on {machine()}, by `Testing/benchmark_riir_deqreg.py working-grid --sizes "
+        f"{sizes} --pairs {args.pairs} --working-size {args.working_size}`. Bundled 3D checkpoints; held-out "
+        f"generated pairs (seeds {args.first_seed}-{args.first_seed + args.pairs - 1}); mean over pairs. By default "
+        "each checkpoint iterates on the working grid it was trained on (its longest side is shown); the option "
+        "`working_size` runs the same checkpoint on another grid. Times are ratios to the same method's default "
+        "in this run (CPU, 2 threads).", "", *tables])
 
 
 def main() -> int:
@@ -214,6 +222,7 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=200)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="working-grid: input sizes")
     parser.add_argument("--working-size", type=int, default=64, help="working-grid: the finer grid to try")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()

@@ -193,6 +193,20 @@ def test_r2n2_starts_at_the_identity_and_then_trains_every_parameter():
     assert not missing
 
 
+@pytest.mark.parametrize("difference_input", [True, False])
+def test_r2n2_sees_the_fixed_image_and_the_warped_moving_one_or_its_difference_from_the_fixed(difference_input):
+    fixed, moving = pair(2)
+    network = R2N2Network(R2N2Config(ndim=2, channels=(8, 8, 8, 16), difference_input=difference_input))
+    seen = []
+    network.stem.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    with torch.no_grad():
+        list(network.iterate(fixed, moving, 1))
+    stem_input = seen[0]
+    assert stem_input.shape[1] == 2 + 2  # two image channels and two coordinate channels
+    torch.testing.assert_close(stem_input[:, :1], fixed)
+    torch.testing.assert_close(stem_input[:, 1:2], moving - fixed if difference_input else moving)
+
+
 def r2n2_checkpoint(tmp_path, ndim):
     path = checkpoint(tmp_path, "r2n2", ndim, channels=[8, 8, 8, 16])
     method = get_method("r2n2").create(path)

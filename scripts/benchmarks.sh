@@ -28,9 +28,11 @@ declare -A SECTIONS=(
     [dio-prompts]="Testing/benchmark_dio.py prompts"
     [dio-robustness]="Testing/benchmark_dio.py robustness"
     [dio-smoothing]="Testing/benchmark_dio.py smoothing --with-3d"
+    [r2n2-localisation]="Testing/benchmark_iirp_r2n2.py localisation"
 )
 ORDER=(baselines-64 memory worker scene riir-deqreg-memory riir-deqreg-convergence riir-deqreg-working-grid
-       iirp-iterstop dio-accuracy dio-smoothing dio-prompts dio-robustness baselines-96 baselines-128)
+       iirp-iterstop dio-accuracy dio-smoothing dio-prompts dio-robustness r2n2-localisation baselines-96
+       baselines-128)
 
 keys=("$@")
 [ ${#keys[@]} -eq 0 ] && keys=("${ORDER[@]}")

@@ -3,7 +3,8 @@
 Registration is a sequence of local deformations (paper Eq. 7-9):
     f_0 = 0,   f_t = f_{t-1} + v_t * exp(-1/2 (x - c_t)^T Sigma_t^{-1} (x - c_t)),   Sigma_t = R_t diag(sigma_t^2) R_t^T,
 with the position c_t, shape (widths sigma_t, rotation R_t) and weight v_t of step t predicted by a recurrent
-network from [F, M o f_{t-1}, coordinates]: a 7x7 stride-2 stem, three gated recurrent registration units
+network from [F, M o f_{t-1}, coordinates] (by default with M o f_{t-1} - F in place of M o f_{t-1}: same
+information, better conditioned; ``difference_input``): a 7x7 stride-2 stem, three gated recurrent registration units
 (GR2U: a stack of residual blocks, a convolutional GRU with a skip connection, a position network and a
 stride-2 convolution) at 1/2, 1/4 and 1/8 resolution, and a parameter network.
 - Position network (Eq. 14-17): per GR2U a spatial soft-argmax gives a position, and a second soft-max its
@@ -42,6 +43,10 @@ class R2N2Config(DictConfig):
     sigma_max: float = 0.3  # widths are at most this fraction of the half-extent (paper: 0.3)
     steps: int = 25  # T in training (paper: 25)
     coordinates: bool = True  # coordinate channels (CoordConv), as in the paper
+    # the second image channel is M o f - F instead of M o f: the same information (an invertible linear change
+    # of the input), but a network seeing [F, M o f] did not find the small difference between two near-equal
+    # images within thousands of iterations (Docs/methods.md, R2N2); seeing it directly, it learns to localise
+    difference_input: bool = True
     instance_norm: bool = False  # instance normalisation after the convolutions (the public code's default)
     temperature: float = 0.0  # > 0: the position soft-max divides by a learned temperature starting here
     working_scale: float = 1.0  # the network's grid relative to the image grid (methods/learned.py)
@@ -235,7 +240,8 @@ class R2N2Network(nn.Module):
         hidden = [None, None, None]
         for _ in range(steps):
             warped = warp(moving, u)
-            x = self.stem(torch.cat([fixed, warped] + ([grid] if self.config.coordinates else []), dim=1))
+            second = warped - fixed if self.config.difference_input else warped
+            x = self.stem(torch.cat([fixed, second] + ([grid] if self.config.coordinates else []), dim=1))
             positions, confidences, attentions = [], [], []
             for k, unit in enumerate(self.units):
                 stride = 2 ** (k + 1)  # a stride-2 conv keeps pixel 2j of its input: level k+1 sees every 2^(k+1)th

@@ -53,7 +53,7 @@ class IterativeRegistrationLogic(ScriptedLoadableModuleLogic):
         "Method": "classical", "Steps": "", "Device": "auto", "Checkpoint": "", "Similarity": "lncc",
         "RegularizationWeight": "1.0", "Tolerance": "0.0001", "ChannelVolumes": "true", "Jacobian": "true", "Centres": "true",
         "KeepPrevious": "true", "UsePrompts": "false", "Overlay": "moving image", "Series": "false", "FixedFrame": "0",
-        "Representation": "freeform",
+        "Representation": "freeform", "WorkingSize": "0",
     }
     REFERENCES = ("FixedVolume", "MovingVolume", "FixedLandmarks", "MovingLandmarks")
 
@@ -97,6 +97,8 @@ class IterativeRegistrationLogic(ScriptedLoadableModuleLogic):
                                      ("tolerance", "Tolerance", float)):
             if key in option_names and p(parameter):
                 options[key] = cast(p(parameter))
+        if "working_size" in option_names and int(p("WorkingSize") or 0) > 0:  # 0: the checkpoint's own grid
+            options["working_size"] = int(p("WorkingSize"))
         if "representation" in option_names and p("Representation"):
             options["representation"] = p("Representation")
         if "frame_axis" in option_names and p("Series") == "true":
@@ -190,7 +192,7 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self.ui.methodComboBox.currentIndexChanged.connect(self.onMethodChanged)
         self.ui.overlayComboBox.currentIndexChanged.connect(self.onOverlayChanged)
         for spin in (self.ui.stepsSpinBox, self.ui.regularizationSpinBox, self.ui.toleranceSpinBox,
-                     self.ui.fixedFrameSpinBox):
+                     self.ui.workingSizeSpinBox, self.ui.fixedFrameSpinBox):
             spin.valueChanged.connect(self.updateParameterNodeFromGUI)
         for box in (self.ui.channelVolumesCheckBox, self.ui.jacobianCheckBox, self.ui.centresCheckBox,
                     self.ui.keepPreviousCheckBox, self.ui.promptCheckBox, self.ui.seriesCheckBox):
@@ -274,6 +276,7 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
                 self.ui.stepsSpinBox.value = int(p.GetParameter("Steps"))
             self.ui.regularizationSpinBox.value = float(p.GetParameter("RegularizationWeight"))
             self.ui.toleranceSpinBox.value = float(p.GetParameter("Tolerance"))
+            self.ui.workingSizeSpinBox.value = int(p.GetParameter("WorkingSize") or 0)
             self.ui.channelVolumesCheckBox.checked = p.GetParameter("ChannelVolumes") == "true"
             self.ui.jacobianCheckBox.checked = p.GetParameter("Jacobian") == "true"
             self.ui.centresCheckBox.checked = p.GetParameter("Centres") != "false"
@@ -302,6 +305,7 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         p.SetParameter("Representation", self.ui.representationComboBox.currentText)
         p.SetParameter("RegularizationWeight", str(self.ui.regularizationSpinBox.value))
         p.SetParameter("Tolerance", str(self.ui.toleranceSpinBox.value))
+        p.SetParameter("WorkingSize", str(self.ui.workingSizeSpinBox.value))
         p.SetParameter("ChannelVolumes", "true" if self.ui.channelVolumesCheckBox.checked else "false")
         p.SetParameter("Jacobian", "true" if self.ui.jacobianCheckBox.checked else "false")
         p.SetParameter("Centres", "true" if self.ui.centresCheckBox.checked else "false")
@@ -350,6 +354,7 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self.ui.representationComboBox.enabled = "representation" in options
         self.ui.regularizationSpinBox.enabled = "regularization_weight" in options
         self.ui.toleranceSpinBox.enabled = "tolerance" in options
+        self.ui.workingSizeSpinBox.enabled = "working_size" in options
         self.ui.seriesCheckBox.enabled = self.ui.fixedFrameSpinBox.enabled = "frame_axis" in options
         for key, widget in (("regularization_weight", self.ui.regularizationSpinBox),
                             ("tolerance", self.ui.toleranceSpinBox)):

@@ -197,6 +197,21 @@ def test_a_learned_method_offers_its_bundled_checkpoint(panel, sample_pair):
     assert not ui.runButton.enabled and ui.runButton.toolTip == "This method is learned: choose a checkpoint."
 
 
+def test_the_network_grid_is_offered_for_learned_iterative_methods_and_reaches_the_run(panel, sample_pair):
+    widget, scene = panel
+    ui = widget.ui
+    select_pair(widget, scene, sample_pair)
+    ui.methodComboBox.currentIndex = ui.methodComboBox.findData("classical")
+    assert not ui.workingSizeSpinBox.enabled  # the classical optimizer has no network grid
+    ui.methodComboBox.currentIndex = ui.methodComboBox.findData("riir")
+    assert ui.workingSizeSpinBox.enabled and ui.workingSizeSpinBox.value == 0  # 0 shows "as trained"
+    settings = widget.logic.settings_from_parameters(widget._parameterNode)
+    assert "working_size" not in settings.options  # the checkpoint's own grid
+    ui.workingSizeSpinBox.value = 64
+    assert widget._parameterNode.GetParameter("WorkingSize") == "64"
+    assert widget.logic.settings_from_parameters(widget._parameterNode).options["working_size"] == 64
+
+
 def test_series_mode_for_r2n2_lets_a_2d_plus_t_volume_be_both_fixed_and_moving(panel, sample_pair):
     widget, scene = panel
     ui = widget.ui

@@ -26,7 +26,7 @@ from .imaging import (check_label_geometry, prepare_pair, read_image, read_image
                       resample_through_field, write_image_atomic)
 from .memory_budget import check_memory
 from .landmarks import landmarks_on_fixed_grid, pair_landmarks, read_landmarks
-from .methods import Prompts, Step, get_method
+from .methods import Prompts, Step, finite_steps, get_method
 from .metrics import dice, field_regularity, hd95, tre
 from .pictures import StepPictures
 from .spatial import sample_displacement_at, warp_labels
@@ -175,7 +175,8 @@ def _run_and_save(request, method, pair, evaluation, steps, prompts, staging: Pa
     last: Step | None = None
     bar = tqdm(total=steps, desc=request.method, unit="step", disable=not progress, leave=False)
     start_field = None if init is None else init.to(method.device)
-    for step in method.run(pair.fixed.to(method.device), pair.moving.to(method.device), steps, prompts, start_field):
+    run = method.run(pair.fixed.to(method.device), pair.moving.to(method.device), steps, prompts, start_field)
+    for step in finite_steps(method, run):
         last = step
         records.append({"step": step.index, "phase": step.phase, "elapsed_s": time.perf_counter() - start,
                         **step.metrics})

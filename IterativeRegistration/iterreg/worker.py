@@ -186,7 +186,7 @@ def _run(job: Job, channel: EventChannel, control: Control, ring: Ring | None) -
     import torch
 
     from .devices import resolve_device, set_cpu_threads
-    from .methods import Prompts, get_method
+    from .methods import Prompts, finite_steps, get_method
     from .spatial import warp
 
     _forward_warnings(channel)
@@ -226,7 +226,7 @@ def _run(job: Job, channel: EventChannel, control: Control, ring: Ring | None) -
                            None if init is None else init.to(device))
     last, count = None, 0
     try:
-        for step in generator:
+        for step in finite_steps(method, generator):
             t_computed = time.time()
             count += 1
             last = step

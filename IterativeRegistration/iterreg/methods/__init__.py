@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..errors import InputError
-from .base import MethodOptions, Prompts, RegistrationMethod, Step
+from .base import MethodOptions, Prompts, RegistrationMethod, Step, finite_steps
 from .classical import ClassicalMethod
 from .deqreg import DEQRegMethod
 from .dio import DIOMethod
@@ -12,7 +12,8 @@ from .r2n2 import R2N2Method
 from .riir import RIIRMethod
 from .voxelmorph import VoxelMorphMethod
 
-__all__ = ["available_methods", "get_method", "register_method", "Step", "Prompts", "RegistrationMethod", "MethodOptions"]
+__all__ = ["available_methods", "get_method", "register_method", "Step", "Prompts", "RegistrationMethod", "MethodOptions",
+           "finite_steps"]
 
 _METHODS: dict[str, type[RegistrationMethod]] = {m.name: m for m in (IdentityMethod, ClassicalMethod,
                                                                      VoxelMorphMethod, RIIRMethod, DEQRegMethod,

@@ -217,3 +217,14 @@ def _monitor_grid(fixed, warped, displacement):
     factor = (MONITOR_VOXELS / voxels) ** (1 / len(shape))
     small = [max(8, round(n * factor)) for n in shape]
     return resize_image(fixed, small), resize_image(warped, small), resize_displacement(displacement, small)
+
+
+def finite_steps(method: "RegistrationMethod", steps: Iterator[Step]) -> Iterator[Step]:
+    """Pass a run's steps on, but end it with a clear error at the first non-finite displacement: a learned
+    update iterated past what it was trained for can diverge (measured: a fine-tuned 2D DEQReg went to NaN
+    between 96 and 192 iterations, Docs/training.md), and a NaN field must never reach the scene or disk."""
+    for step in steps:
+        if not bool(torch.isfinite(step.displacement).all()):
+            raise InputError(f"the {method.name} run diverged at step {step.index + 1}: its displacement is no longer "
+                             "finite (NaN or Inf). Run fewer steps, or use another checkpoint; nothing was saved")
+        yield step

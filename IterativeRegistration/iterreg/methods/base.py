@@ -220,11 +220,19 @@ def _monitor_grid(fixed, warped, displacement):
 
 
 def finite_steps(method: "RegistrationMethod", steps: Iterator[Step]) -> Iterator[Step]:
-    """Pass a run's steps on, but end it with a clear error at the first non-finite displacement: a learned
-    update iterated past what it was trained for can diverge (measured: a fine-tuned 2D DEQReg went to NaN
-    between 96 and 192 iterations, Docs/training.md), and a NaN field must never reach the scene or disk."""
+    """Pass a run's steps on, but end it with a clear error at the first diverged displacement: non-finite, or
+    moving some voxel by more than twice the image's extent (no registration does that). A learned update run
+    past what it was trained for can diverge (measured: a fine-tuned 2D DEQReg, Docs/training.md), and such a
+    field must never reach the scene or disk."""
     for step in steps:
-        if not bool(torch.isfinite(step.displacement).all()):
-            raise InputError(f"the {method.name} run diverged at step {step.index + 1}: its displacement is no longer "
-                             "finite (NaN or Inf). Run fewer steps, or use another checkpoint; nothing was saved")
+        u = step.displacement
+        if not bool(torch.isfinite(u).all()):
+            problem = "its displacement is no longer finite (NaN or Inf)"
+        else:
+            longest, extent = float(vector_length(u).max()), max(u.shape[2:])
+            problem = (f"it moves a voxel by {longest:.3g} voxels, more than twice the image's {extent}"
+                       if longest > 2 * extent else None)
+        if problem:
+            raise InputError(f"the {method.name} run diverged at step {step.index + 1}: {problem}. Run fewer steps, "
+                             "or use another checkpoint; nothing was saved")
         yield step

@@ -220,6 +220,13 @@ def test_out_of_memory_names_the_size_and_what_to_try(tiny_pair, leak_check):
     assert client.failure.exit_code == 3 and len(steps) == 1
 
 
+def test_a_diverged_step_fails_the_run_as_an_input_problem_and_is_never_streamed(tiny_pair, leak_check):
+    client, steps = scripted(tiny_pair, leak_check, fault="diverge", fault_at=2)
+    assert client.state == "failed" and client.failure.kind == "input"
+    assert "diverged at step 3" in client.failure.message and "Run fewer steps" in client.failure.message
+    assert len(steps) == 2 and client.result is None  # the NaN step never reached the client
+
+
 def test_cancel_escalates_to_terminate_and_kill_when_the_worker_ignores_it(tiny_pair, leak_check):
     steps = []
     request = request_from(tiny_pair, "scripted", steps=50, threads=1, options={"fault": "ignore_cancel", "fault_at": 2})

@@ -57,6 +57,8 @@ class ScriptedMethod(RegistrationMethod):
             if index == o.fault_at:
                 self._fault(o.fault)
             u = expected_displacement(index, shape).to(fixed)
+            if index == o.fault_at and o.fault == "diverge":  # a learned update blown up past its training
+                u = torch.full_like(u, float("nan"))
             hidden = torch.arange(o.hidden_maps, dtype=torch.float32)[:, None, None, None].expand(-1, *small) + index
             yield Step(index, u, warp(moving, u), {"similarity": float(index), "regularizer": 0.0,
                                                    "update_norm": 0.05, "folding_percent": 0.0},

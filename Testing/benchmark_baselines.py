@@ -131,7 +131,7 @@ def main() -> int:
 
     from iterreg.resources import default_checkpoint
     methods = args.methods or [n for n, c in available_methods().items()
-                               if not c.needs_checkpoint or default_checkpoint(n) is not None]
+                               if not c.needs_checkpoint or default_checkpoint(n, 3) is not None]  # 3D pairs
     if elastix_available():
         methods.append("elastix")
     else:

@@ -141,6 +141,28 @@ def bspline_register(fixed, moving, mesh: int):
     return torch.from_numpy(u).float()[None], len(transform.GetParameters()), elapsed
 
 
+def _elastix_2d(sample) -> dict | None:
+    """itk-elastix on the slice pair (the all-methods tables' baseline, here in 2D), or None if not installed."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from benchmark_baselines import elastix_available, elastix_register
+
+    from iterreg.sample_data import write_pair
+    if not elastix_available():
+        return None
+    cwd = os.getcwd()  # elastix_register changes into its output folder (transformix writes there)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = elastix_register(write_pair(sample, Path(tmp) / "pair"), Path(tmp) / "elastix")
+            os.chdir(cwd)
+    finally:
+        os.chdir(cwd)
+    return {"dice": result["dice_mean"], "tre": result["tre_mean_mm"], "folding": result["folding_percent"],
+            "time": result["runtime_s"]}
+
+
 def compactness(args) -> str:
     import torch
 
@@ -148,47 +170,56 @@ def compactness(args) -> str:
 
     torch.set_num_threads(2)
     meshes = (2, 3, 4, 6, 8, 12, 16)
-    rows_pairs = []
-    r2n2_all, classical_all, bspline_all = [], [], {m: [] for m in meshes}
+    identity_all, r2n2_all, classical_all, elastix_all = [], [], [], []
+    bspline_all = {m: [] for m in meshes}
+    steps_used = None
     for seed, pair, evaluation, sample in pairs(2, 128, args.pairs_2d, args.first_seed):
         method = get_method("r2n2").create(args.checkpoint, ndim=2)
+        steps_used = args.r2n2_steps or method.network.config.steps
         start = time.perf_counter()
-        steps = list(method.run(pair.fixed, pair.moving, steps=args.r2n2_steps))
+        steps = list(method.run(pair.fixed, pair.moving, steps=steps_used))
         r2n2 = {**score(evaluation, steps[-1].displacement), "time": time.perf_counter() - start,
-                "params": args.r2n2_steps * method.network.config.parameter_count}
+                "params": steps_used * method.network.config.parameter_count}
         classical = get_method("classical").create()
         start = time.perf_counter()
         csteps = list(classical.run(pair.fixed, pair.moving))
-        classical_r = {**score(evaluation, csteps[-1].displacement), "time": time.perf_counter() - start}
-        identity = score(evaluation, torch.zeros_like(steps[-1].displacement))
+        classical_all.append({**score(evaluation, csteps[-1].displacement), "time": time.perf_counter() - start,
+                              "params": 2 * 128 * 128})
+        identity_all.append({**score(evaluation, torch.zeros_like(steps[-1].displacement)), "params": 0})
         import SimpleITK as sitk
         fixed_img, moving_img = (sitk.Cast(i, sitk.sitkFloat32) for i in (sample.fixed, sample.moving))
         for mesh in meshes:
             u, n, elapsed = bspline_register(fixed_img, moving_img, mesh)
             bspline_all[mesh].append({**score(evaluation, u), "time": elapsed, "params": n})
+        elastix = _elastix_2d(sample)
+        if elastix is not None:
+            elastix_all.append(elastix)
         r2n2_all.append(r2n2)
-        classical_all.append(classical_r)
-        print(f"pair {seed}: identity TRE {identity['tre']:.2f}, R2N2 {r2n2['tre']:.2f} ({r2n2['params']} numbers), "
-              f"classical {classical_r['tre']:.2f}, B-spline " +
+        print(f"pair {seed}: identity TRE {identity_all[-1]['tre']:.2f}, R2N2 {r2n2['tre']:.2f} ({r2n2['params']} "
+              f"numbers), classical {classical_all[-1]['tre']:.2f}, elastix "
+              f"{elastix['tre'] if elastix else float('nan'):.2f}, B-spline " +
               ", ".join(f"{m}:{bspline_all[m][-1]['tre']:.2f}" for m in meshes), flush=True)
-        rows_pairs.append(identity)
     mean = lambda rs, key: float(np.mean([r[key] for r in rs]))  # noqa: E731
+    reference, reference_name = (elastix_all, "elastix") if elastix_all else (r2n2_all, "R2N2")
+    time_ratio = lambda rs: f"{mean(rs, 'time') / mean(reference, 'time'):.2f}" if rs and "time" in rs[0] else "-"  # noqa: E731
+
+    def row(name, rs, params):
+        return [name, f"{mean(rs, 'dice'):.3f}", f"{mean(rs, 'tre'):.2f}", f"{mean(rs, 'folding'):.3f}", params,
+                time_ratio(rs)]
     r2n2_tre = mean(r2n2_all, "tre")
-    rows = [["identity", f"{mean(rows_pairs, 'dice'):.3f}", f"{mean(rows_pairs, 'tre'):.2f}", "0.000", "0", "-"],
-            [f"R2N2, {args.r2n2_steps} Gaussians", f"{mean(r2n2_all, 'dice'):.3f}", f"{r2n2_tre:.2f}",
-             f"{mean(r2n2_all, 'folding'):.3f}", f"{mean(r2n2_all, 'params'):.0f}", "1.0"],
-            ["classical (dense, ours)", f"{mean(classical_all, 'dice'):.3f}", f"{mean(classical_all, 'tre'):.2f}",
-             f"{mean(classical_all, 'folding'):.3f}", f"{2 * 128 * 128}",
-             f"{mean(classical_all, 'time') / mean(r2n2_all, 'time'):.1f}"]]
+    rows = [row("identity", identity_all, "0"),
+            row(f"R2N2, {steps_used} Gaussians", r2n2_all, f"{mean(r2n2_all, 'params'):.0f}"),
+            row("classical (dense, ours)", classical_all, f"{2 * 128 * 128}")]
+    if elastix_all:
+        rows.append(row("itk-elastix (B-spline, 3 levels)", elastix_all, "-"))
     matched = None
     for mesh in meshes:
         rs = bspline_all[mesh]
-        rows.append([f"B-spline, mesh {mesh}x{mesh}", f"{mean(rs, 'dice'):.3f}", f"{mean(rs, 'tre'):.2f}",
-                     f"{mean(rs, 'folding'):.3f}", f"{mean(rs, 'params'):.0f}",
-                     f"{mean(rs, 'time') / mean(r2n2_all, 'time'):.1f}"])
+        rows.append(row(f"B-spline, mesh {mesh}x{mesh}", rs, f"{mean(rs, 'params'):.0f}"))
         if matched is None and mean(rs, "tre") <= r2n2_tre:
             matched = (mesh, mean(rs, "params"))
-    table = markdown_table(["transform", "Dice", "TRE mm", "folding %", "parameters", "CPU time / R2N2"], rows)
+    table = markdown_table(["transform", "Dice", "TRE mm", "folding %", "parameters",
+                            f"CPU time / {reference_name}"], rows)
     if matched:
         verdict = (f"The coarsest B-spline grid that is at least as accurate (TRE <= {r2n2_tre:.2f} mm) is "
                    f"{matched[0]}x{matched[0]} with {matched[1]:.0f} parameters: R2N2 needs "
@@ -203,7 +234,8 @@ def compactness(args) -> str:
         f"{args.first_seed + args.pairs_2d - 1}); means over pairs. 'Parameters' counts the numbers that describe "
         "the final transform (R2N2: 7 per Gaussian: centre 2, widths 2, rotation 1, weight 2; B-spline: 2 per "
         "control point of a cubic grid with that many mesh cells, SimpleITK, MSE, L-BFGS-B, 3 resolutions; dense: "
-        "2 per pixel). Times are ratios to R2N2's in the same run (CPU, 2 threads).", "", table, "", verdict])
+        f"2 per pixel). Times are ratios to {reference_name}'s in the same run (CPU, 2 threads; elastix: its "
+        "default B-spline map, 3 resolutions, as in the all-methods tables).", "", table, "", verdict])
 
 
 def series(args) -> str:
@@ -223,8 +255,9 @@ def series(args) -> str:
     labels = np.stack([sitk.GetArrayFromImage(f) for f in data["labels"]]).astype(np.int64)
     volume = torch.from_numpy(normalise_intensity(frames)[0]).float()[None, None]  # frames along axis 0
     method = get_method("r2n2").create(args.checkpoint, ndim=2, options={"frame_axis": 0, "fixed_frame": 0})
+    gaussians = args.r2n2_steps or method.network.config.steps
     start = time.perf_counter()
-    steps = list(method.run(volume, volume, steps=args.r2n2_steps))
+    steps = list(method.run(volume, volume, steps=gaussians))
     elapsed = time.perf_counter() - start
     u = steps[-1].displacement  # [1, 3, T, H, W]
     rows = []
@@ -243,7 +276,7 @@ def series(args) -> str:
         f"Run {date.today().isoformat()} on {machine()}, by `Testing/benchmark_iirp_r2n2.py series`. A generated "
         f"{args.frames}-frame 128^2 series (`make_series`, seed {args.first_seed}: a periodic, breathing-like "
         "deformation of an axial MNI slice), every frame registered to frame 0 in one run (`frame_axis`, "
-        f"`fixed_frame`), checkpoint `{checkpoint_label(args)}`, {args.r2n2_steps} Gaussians per frame, all frames in one batch. Absolute CPU seconds "
+        f"`fixed_frame`), checkpoint `{checkpoint_label(args)}`, {gaussians} Gaussians per frame, all frames in one batch. Absolute CPU seconds "
         "(2 threads).", "", table])
 
 
@@ -333,7 +366,7 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--pairs-2d", type=int, default=6)
     parser.add_argument("--first-seed", type=int, default=200)
-    parser.add_argument("--r2n2-steps", type=int, default=25)
+    parser.add_argument("--r2n2-steps", type=int, default=0, help="Gaussians per pair (0: the checkpoint's trained T)")
     parser.add_argument("--frames", type=int, default=10)
     parser.add_argument("--checkpoint", default=None, help="a 2D r2n2 checkpoint (default: the bundled one)")
     parser.add_argument("--probe-iterations", type=int, default=1000, help="localisation: iterations of the centre "

@@ -17,9 +17,9 @@ import torch
 from iterreg.errors import InputError
 from iterreg.methods import get_method
 from iterreg.networks.iirp import IIRPConfig, RPNet, iterative_inference
-from iterreg.networks.r2n2 import (LocalDeformation, R2N2Config, R2N2Network, gaussian_displacement,
+from iterreg.networks.r2n2 import (LocalDeformation, R2N2Config, R2N2Network, features_at, gaussian_displacement,
                                    rotation_matrix)
-from iterreg.spatial import warp
+from iterreg.spatial import normalised_grid, warp
 
 from test_riir_deqreg import SHAPES, checkpoint, pair
 
@@ -180,10 +180,11 @@ def test_r2n2_parameters_stay_in_the_papers_ranges_and_each_step_adds_one_gaussi
     assert config.parameter_count == (7 if ndim == 2 else 12)
 
 
-def test_r2n2_starts_at_the_identity_and_then_trains_every_parameter():
+@pytest.mark.parametrize("center_features", [False, True])
+def test_r2n2_starts_at_the_identity_and_then_trains_every_parameter(center_features):
     fixed, moving = pair(2)
     torch.manual_seed(0)
-    network = R2N2Network(R2N2Config(ndim=2, channels=(8, 8, 8, 16), steps=3))
+    network = R2N2Network(R2N2Config(ndim=2, channels=(8, 8, 8, 16), steps=3, center_features=center_features))
     assert all(float(u.detach().abs().max()) == 0 for u in network(fixed, moving))  # zero-initialised last layer
     torch.nn.init.normal_(network.parameters_net.fc[-1].weight, std=0.1)
     displacements = get_method("r2n2").predict(network, fixed, moving)
@@ -191,6 +192,21 @@ def test_r2n2_starts_at_the_identity_and_then_trains_every_parameter():
     sum(((warp(moving, u) - fixed) ** 2).mean() for u in displacements).backward()
     missing = [name for name, p in network.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing
+
+
+@pytest.mark.parametrize("shape", [(20, 13), (12, 9, 16)])
+def test_the_parameter_network_can_read_a_level_at_the_gaussian_centre_in_image_coordinates(shape):
+    # a level kept every 2nd pixel of the image; its features here are the normalised image coordinates of those
+    # pixels, so reading them at a centre must give the centre back, with a gradient to move the centre
+    level_coordinates = normalised_grid(shape)[(slice(None), slice(None), *[slice(None, None, 2)] * len(shape))]
+    center = torch.tensor([[0.3, -0.5, 0.1][:len(shape)], [-0.8, 0.6, -0.2][:len(shape)]], requires_grad=True)
+    read = features_at(level_coordinates.expand(2, *level_coordinates.shape[1:]), center, shape, stride=2)
+    # the last kept pixel of an odd-sized axis is the image's last; of an even-sized one, one pixel short of it
+    inside = [n - 1 - (n - 1) % 2 for n in shape]
+    within = (center.detach() + 1) * torch.tensor([(n - 1) / 2 for n in shape]) <= torch.tensor(inside)
+    torch.testing.assert_close(read[within], center.detach()[within])
+    read.sum().backward()
+    assert center.grad[within].abs().min() > 0
 
 
 @pytest.mark.parametrize("difference_input", [True, False])

@@ -94,8 +94,9 @@ def _demo(args) -> int:
     device = resolve_device(args.device)
     pair_dir = sample_pair_dir()
     from .resources import default_checkpoint
+    # the sample pair is 3D: a method whose only bundled checkpoint is 2D (R2N2) is left out
     methods = args.methods or [name for name, cls in available_methods().items()
-                               if not cls.needs_checkpoint or default_checkpoint(name) is not None]
+                               if not cls.needs_checkpoint or default_checkpoint(name, 3) is not None]
     print(f"IterativeRegistration demo: sample pair {pair_dir.name}, device {device}, methods {', '.join(methods)}")
     rows = []
     for name in methods:

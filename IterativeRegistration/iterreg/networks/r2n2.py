@@ -25,6 +25,7 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..spatial import normalised_grid, normalised_to_voxels, warp
 from .config import DictConfig
@@ -49,6 +50,10 @@ class R2N2Config(DictConfig):
     difference_input: bool = True
     instance_norm: bool = False  # instance normalisation after the convolutions (the public code's default)
     temperature: float = 0.0  # > 0: the position soft-max divides by a learned temperature starting here
+    # the parameter network also reads the finest GR2U's features at the chosen centre (bilinear, differentiable
+    # in the centre); the paper pools them with an attention of its own, so the weight need not describe the place
+    # the Gaussian goes (Docs/methods.md, R2N2)
+    center_features: bool = True
     working_scale: float = 1.0  # the network's grid relative to the image grid (methods/learned.py)
 
     def __post_init__(self):
@@ -105,6 +110,18 @@ def gaussian_displacement(g: LocalDeformation, shape: Sequence[int]) -> tuple[to
     profile = torch.exp(-0.5 * ((local / g.sigma.reshape(*g.sigma.shape, *([1] * nd))) ** 2).sum(1, keepdim=True))
     displacement = profile * normalised_to_voxels(g.weight, shape).reshape(*g.weight.shape, *([1] * nd))
     return displacement, profile
+
+
+def features_at(features: torch.Tensor, center: torch.Tensor, shape: Sequence[int], stride: int) -> torch.Tensor:
+    """``[B, C]`` features of a level that keeps every ``stride``-th pixel of a grid of ``shape``, read (bilinear,
+    differentiable in ``center``) at the normalised positions ``center`` ``[B, ndim]`` of that grid."""
+    nd = len(shape)
+    level = features.shape[2:]
+    pixel = normalised_to_voxels(center, shape, points=True) / stride  # level pixel j sits at pixel stride * j
+    scale = torch.tensor([2.0 / max(m - 1, 1) for m in level], device=center.device, dtype=center.dtype)
+    grid = (pixel * scale - 1.0).flip(-1).reshape(center.shape[0], *([1] * nd), nd)
+    sampled = F.grid_sample(features, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return sampled.flatten(1)
 
 
 def _conv(ndim, cin, cout, kernel=3, stride=1):
@@ -174,13 +191,13 @@ class GR2U(nn.Module):
         hidden = self.gru(features, hidden)
         out = self.act(hidden + features)  # the skip connection around the C-GRU
         position, confidence, attention = self.position(out, coordinates)
-        return self.down(out), hidden, position, confidence, attention
+        return self.down(out), hidden, position, confidence, attention, out
 
 
 class ParameterNetwork(nn.Module):
     """Eq. 18: shape, rotation and weight of the next local deformation."""
 
-    def __init__(self, ndim, channels, hidden, activation, sigma_max):
+    def __init__(self, ndim, channels, hidden, activation, sigma_max, local_channels=0):
         super().__init__()
         half = channels // 2
         self.ndim, self.half, self.sigma_max = ndim, half, sigma_max
@@ -188,16 +205,16 @@ class ParameterNetwork(nn.Module):
         self.content = _conv(ndim, half, half)
         self.act = _activation(activation)
         angles = 1 if ndim == 2 else 3
-        self.fc = nn.Sequential(nn.Linear(half, hidden), _activation(activation), nn.Linear(hidden, 2 * ndim + angles))
+        self.fc = nn.Sequential(nn.Linear(half + local_channels, hidden), _activation(activation), nn.Linear(hidden, 2 * ndim + angles))
         nn.init.zeros_(self.fc[-1].weight)  # the first local deformations are zero: training starts at identity
         nn.init.zeros_(self.fc[-1].bias)
 
-    def forward(self, x):
+    def forward(self, x, local=None):
         x = self.conv(x)
         content = self.content(self.act(x[:, :self.half]))
         attention = spatial_softmax(x[:, self.half:2 * self.half])
         pooled = self.act((content * attention).flatten(2).sum(2))
-        c = self.fc(pooled)
+        c = self.fc(pooled if local is None else torch.cat([pooled, local], 1))
         nd = self.ndim
         sigma = torch.sigmoid(c[:, :nd]) * self.sigma_max + 1e-4
         weight = torch.tanh(c[:, nd:2 * nd])
@@ -228,7 +245,7 @@ class R2N2Network(nn.Module):
         self.units = nn.ModuleList(GR2U(nd, ch[k], ch[k + 1], config.residual_blocks, config.activation,
                                         config.instance_norm, config.temperature) for k in range(3))
         self.parameters_net = ParameterNetwork(nd, ch[3], config.parameter_hidden, config.activation,
-                                               config.sigma_max)
+                                               config.sigma_max, ch[0] if config.center_features else 0)
 
     def iterate(self, fixed: torch.Tensor, moving: torch.Tensor, steps: int,
                 init: torch.Tensor | None = None) -> Iterator[R2N2State]:
@@ -246,13 +263,16 @@ class R2N2Network(nn.Module):
             for k, unit in enumerate(self.units):
                 stride = 2 ** (k + 1)  # a stride-2 conv keeps pixel 2j of its input: level k+1 sees every 2^(k+1)th
                 coordinates = grid[(slice(None), slice(None), *[slice(None, None, stride)] * nd)]
-                x, hidden[k], position, confidence, attention = unit(x, hidden[k], coordinates)
+                x, hidden[k], position, confidence, attention, out = unit(x, hidden[k], coordinates)
+                if k == 0:
+                    finest = out
                 attentions.append(attention)
                 positions.append(position)
                 confidences.append(confidence)
             weights = torch.cat(confidences, 1)  # [B, 3]
             center = (torch.stack(positions, 1) * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1e-6)
-            sigma, weight, angles = self.parameters_net(x)
+            local = features_at(finest, center, shape, stride=2) if self.config.center_features else None
+            sigma, weight, angles = self.parameters_net(x, local)
             gaussian = LocalDeformation(center, sigma, angles, weight)
             local, profile = gaussian_displacement(gaussian, shape)
             u = u + local

@@ -29,10 +29,12 @@ declare -A SECTIONS=(
     [dio-robustness]="Testing/benchmark_dio.py robustness"
     [dio-smoothing]="Testing/benchmark_dio.py smoothing --with-3d"
     [r2n2-localisation]="Testing/benchmark_iirp_r2n2.py localisation"
+    [r2n2-compactness]="Testing/benchmark_iirp_r2n2.py compactness"
+    [r2n2-series]="Testing/benchmark_iirp_r2n2.py series"
 )
 ORDER=(baselines-64 memory worker scene riir-deqreg-memory riir-deqreg-convergence riir-deqreg-working-grid
-       iirp-iterstop dio-accuracy dio-smoothing dio-prompts dio-robustness r2n2-localisation baselines-96
-       baselines-128)
+       iirp-iterstop dio-accuracy dio-smoothing dio-prompts dio-robustness r2n2-localisation r2n2-compactness
+       r2n2-series baselines-96 baselines-128)
 
 keys=("$@")
 [ ${#keys[@]} -eq 0 ] && keys=("${ORDER[@]}")

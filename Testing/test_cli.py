@@ -150,6 +150,16 @@ def test_existing_output_folder_keeps_unrelated_files_and_no_staging_folder_is_l
     assert not [n for n in names if n.startswith(".")]
 
 
+def test_the_demo_runs_every_method_that_can_register_the_3d_sample_pair():
+    from iterreg.cli import demo_methods
+    from iterreg.methods import available_methods
+    from iterreg.resources import default_checkpoint
+    methods = demo_methods()
+    assert {"identity", "classical", "voxelmorph", "riir", "deqreg", "iirp", "dio"} <= set(methods)
+    for name, cls in available_methods().items():  # a method with only a 2D checkpoint (R2N2 now) is left out
+        assert (name in methods) == (not cls.needs_checkpoint or default_checkpoint(name, 3) is not None)
+
+
 def test_methods_lists_identity_and_classical(capsys):
     assert main(["methods"]) == 0
     listing = capsys.readouterr().out

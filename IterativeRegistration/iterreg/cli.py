@@ -83,9 +83,17 @@ def _add_demo(sub) -> None:
     p.add_argument("--threads", type=int, default=None)
 
 
+def demo_methods() -> list[str]:
+    """The methods the demo runs on the (3D) sample pair: all that need no checkpoint or have a bundled 3D one
+    (a method whose only bundled checkpoint is 2D, R2N2, cannot register it)."""
+    from .methods import available_methods
+    from .resources import default_checkpoint
+    return [name for name, cls in available_methods().items()
+            if not cls.needs_checkpoint or default_checkpoint(name, 3) is not None]
+
+
 def _demo(args) -> int:
     from .devices import resolve_device, set_cpu_threads
-    from .methods import available_methods
     from .pipeline import RegistrationRequest, register_files
     from .resources import sample_pair_dir
     from .sample_data import PAIR_FILES
@@ -93,10 +101,7 @@ def _demo(args) -> int:
     set_cpu_threads(args.threads)
     device = resolve_device(args.device)
     pair_dir = sample_pair_dir()
-    from .resources import default_checkpoint
-    # the sample pair is 3D: a method whose only bundled checkpoint is 2D (R2N2) is left out
-    methods = args.methods or [name for name, cls in available_methods().items()
-                               if not cls.needs_checkpoint or default_checkpoint(name, 3) is not None]
+    methods = args.methods or demo_methods()
     print(f"IterativeRegistration demo: sample pair {pair_dir.name}, device {device}, methods {', '.join(methods)}")
     rows = []
     for name in methods:

@@ -271,6 +271,16 @@ def test_a_checkpoint_for_another_dimensionality_or_method_is_refused(images, ca
     only_error_line(code, err, 2, fragment)
 
 
+def test_a_method_bundled_only_for_2d_images_says_so_on_3d_images(images, capsys):
+    # R2N2's only bundled checkpoint is 2D: on a 3D pair without --checkpoint the error names what it can register
+    tmp_path, fixed, moving = images
+    code, err = run_cli(["register", fixed, moving, "--out", str(tmp_path / "o"), "--method", "r2n2", "--quiet"],
+                        capsys)
+    only_error_line(code, err, 2, "none is bundled for it for 3D images (the bundled one is for 2D images; "
+                    "single-slice volumes and 2D+t series are 2D)")
+    assert not (tmp_path / "o").exists()
+
+
 # --- landmarks -----------------------------------------------------------------------------------------------
 def landmark_files(tmp_path, small_pair, damage):
     fixed_points = small_pair.fixed_landmarks_ras.copy()

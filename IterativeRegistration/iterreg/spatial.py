@@ -96,6 +96,13 @@ def _sample(image: torch.Tensor, points: torch.Tensor, mode: str, padding_mode: 
     return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
 
 
+def sample_at_voxels(image: torch.Tensor, points: torch.Tensor, mode: str = "bilinear",
+                     padding_mode: str = "border") -> torch.Tensor:
+    """``image`` ``[B, C, *spatial]`` read at voxel positions ``points`` ``[B, ndim, *out]`` (array order) ->
+    ``[B, C, *out]``; differentiable in both."""
+    return _sample(image, points, mode, padding_mode)
+
+
 def warp(moving: torch.Tensor, displacement: torch.Tensor, mode: str = "bilinear",
          padding_mode: str = "zeros") -> torch.Tensor:
     """``moving(x + u(x))`` on the grid of ``displacement``.

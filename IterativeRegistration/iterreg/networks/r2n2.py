@@ -25,9 +25,8 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..spatial import normalised_grid, normalised_to_voxels, warp
+from ..spatial import normalised_grid, normalised_to_voxels, sample_at_voxels, warp
 from .config import DictConfig
 from .unet import ConvGRU
 
@@ -116,12 +115,8 @@ def features_at(features: torch.Tensor, center: torch.Tensor, shape: Sequence[in
     """``[B, C]`` features of a level that keeps every ``stride``-th pixel of a grid of ``shape``, read (bilinear,
     differentiable in ``center``) at the normalised positions ``center`` ``[B, ndim]`` of that grid."""
     nd = len(shape)
-    level = features.shape[2:]
     pixel = normalised_to_voxels(center, shape, points=True) / stride  # level pixel j sits at pixel stride * j
-    scale = torch.tensor([2.0 / max(m - 1, 1) for m in level], device=center.device, dtype=center.dtype)
-    grid = (pixel * scale - 1.0).flip(-1).reshape(center.shape[0], *([1] * nd), nd)
-    sampled = F.grid_sample(features, grid, mode="bilinear", padding_mode="border", align_corners=True)
-    return sampled.flatten(1)
+    return sample_at_voxels(features, pixel.reshape(*pixel.shape, *([1] * nd))).flatten(1)
 
 
 def _conv(ndim, cin, cout, kernel=3, stride=1):
@@ -205,16 +200,17 @@ class ParameterNetwork(nn.Module):
         self.content = _conv(ndim, half, half)
         self.act = _activation(activation)
         angles = 1 if ndim == 2 else 3
-        self.fc = nn.Sequential(nn.Linear(half + local_channels, hidden), _activation(activation), nn.Linear(hidden, 2 * ndim + angles))
+        self.fc = nn.Sequential(nn.Linear(half + local_channels, hidden), _activation(activation),
+                                nn.Linear(hidden, 2 * ndim + angles))
         nn.init.zeros_(self.fc[-1].weight)  # the first local deformations are zero: training starts at identity
         nn.init.zeros_(self.fc[-1].bias)
 
-    def forward(self, x, local=None):
+    def forward(self, x, at_center=None):
         x = self.conv(x)
         content = self.content(self.act(x[:, :self.half]))
         attention = spatial_softmax(x[:, self.half:2 * self.half])
         pooled = self.act((content * attention).flatten(2).sum(2))
-        c = self.fc(pooled if local is None else torch.cat([pooled, local], 1))
+        c = self.fc(pooled if at_center is None else torch.cat([pooled, at_center], 1))
         nd = self.ndim
         sigma = torch.sigmoid(c[:, :nd]) * self.sigma_max + 1e-4
         weight = torch.tanh(c[:, nd:2 * nd])
@@ -271,8 +267,8 @@ class R2N2Network(nn.Module):
                 confidences.append(confidence)
             weights = torch.cat(confidences, 1)  # [B, 3]
             center = (torch.stack(positions, 1) * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1e-6)
-            local = features_at(finest, center, shape, stride=2) if self.config.center_features else None
-            sigma, weight, angles = self.parameters_net(x, local)
+            at_center = features_at(finest, center, shape, stride=2) if self.config.center_features else None
+            sigma, weight, angles = self.parameters_net(x, at_center)
             gaussian = LocalDeformation(center, sigma, angles, weight)
             local, profile = gaussian_displacement(gaussian, shape)
             u = u + local

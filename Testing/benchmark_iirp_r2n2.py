@@ -153,12 +153,11 @@ def _elastix_2d(sample) -> dict | None:
     if not elastix_available():
         return None
     cwd = os.getcwd()  # elastix_register changes into its output folder (transformix writes there)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
             result = elastix_register(write_pair(sample, Path(tmp) / "pair"), Path(tmp) / "elastix")
-            os.chdir(cwd)
-    finally:
-        os.chdir(cwd)
+        finally:
+            os.chdir(cwd)  # back out before the folder is removed
     return {"dice": result["dice_mean"], "tre": result["tre_mean_mm"], "folding": result["folding_percent"],
             "time": result["runtime_s"]}
 

@@ -34,7 +34,7 @@ def test_every_method_streams_well_formed_steps_in_order(name, small_pair, tmp_p
     prepared = prepare_pair(small_pair.fixed, small_pair.moving)
     cls = get_method(name)
     path = None
-    if cls.needs_checkpoint and default_checkpoint(name, 3) is None:  # none bundled (R2N2): a seeded untrained one
+    if cls.needs_checkpoint and default_checkpoint(name, 3) is None:  # no 3D one bundled (R2N2): a seeded untrained one
         path = checkpoint(tmp_path, name, 3)
     method = cls.create(path)
     steps = list(method.run(prepared.fixed, prepared.moving, steps=min(12, method.max_steps)))

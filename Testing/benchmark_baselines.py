@@ -126,12 +126,10 @@ def main() -> int:
     parser.add_argument("--no-write", action="store_true", help="print only; leave Docs/benchmarks.md alone")
     args = parser.parse_args()
 
-    from iterreg.methods import available_methods
+    from iterreg.methods import ready_methods
     from iterreg.sample_data import make_pair, write_pair
 
-    from iterreg.resources import default_checkpoint
-    methods = args.methods or [n for n, c in available_methods().items()
-                               if not c.needs_checkpoint or default_checkpoint(n, 3) is not None]  # 3D pairs
+    methods = args.methods or ready_methods(3)
     if elastix_available():
         methods.append("elastix")
     else:

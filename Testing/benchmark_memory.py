@@ -25,12 +25,10 @@ def main() -> int:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
-    from iterreg.methods import available_methods, get_method
-    from iterreg.resources import default_checkpoint
+    from iterreg.methods import get_method, ready_methods
     from iterreg.sample_data import make_pair, write_pair
 
-    methods = args.methods or [n for n, c in available_methods().items()
-                               if 3 in c.supported_ndims and (not c.needs_checkpoint or default_checkpoint(n, 3))]
+    methods = args.methods or ready_methods(3)
     small, large = args.sizes
     peaks: dict[str, dict[int, float]] = {m: {} for m in methods}
     with tempfile.TemporaryDirectory() as tmp:

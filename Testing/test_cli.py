@@ -150,14 +150,14 @@ def test_existing_output_folder_keeps_unrelated_files_and_no_staging_folder_is_l
     assert not [n for n in names if n.startswith(".")]
 
 
-def test_the_demo_runs_every_method_that_can_register_the_3d_sample_pair():
-    from iterreg.cli import demo_methods
-    from iterreg.methods import available_methods
+def test_the_methods_ready_for_3d_images_are_those_with_a_3d_checkpoint_or_none_needed():
+    # what the demo (a 3D sample pair) and the 3D benchmarks run
+    from iterreg.methods import ready_methods
     from iterreg.resources import default_checkpoint
-    methods = demo_methods()
-    assert {"identity", "classical", "voxelmorph", "riir", "deqreg", "iirp", "dio"} <= set(methods)
-    for name, cls in available_methods().items():  # a method with only a 2D checkpoint (R2N2 now) is left out
-        assert (name in methods) == (not cls.needs_checkpoint or default_checkpoint(name, 3) is not None)
+    ready = ready_methods(3)
+    assert {"identity", "classical", "voxelmorph", "riir", "deqreg", "iirp", "dio"} <= set(ready)
+    assert default_checkpoint("r2n2", 2) is not None and default_checkpoint("r2n2", 3) is None
+    assert "r2n2" not in ready and "r2n2" in ready_methods(2)  # its only bundled checkpoint is 2D
 
 
 def test_methods_lists_identity_and_classical(capsys):

@@ -83,15 +83,6 @@ def _add_demo(sub) -> None:
     p.add_argument("--threads", type=int, default=None)
 
 
-def demo_methods() -> list[str]:
-    """The methods the demo runs on the (3D) sample pair: all that need no checkpoint or have a bundled 3D one
-    (a method whose only bundled checkpoint is 2D, R2N2, cannot register it)."""
-    from .methods import available_methods
-    from .resources import default_checkpoint
-    return [name for name, cls in available_methods().items()
-            if not cls.needs_checkpoint or default_checkpoint(name, 3) is not None]
-
-
 def _demo(args) -> int:
     from .devices import resolve_device, set_cpu_threads
     from .pipeline import RegistrationRequest, register_files
@@ -101,7 +92,8 @@ def _demo(args) -> int:
     set_cpu_threads(args.threads)
     device = resolve_device(args.device)
     pair_dir = sample_pair_dir()
-    methods = args.methods or demo_methods()
+    from .methods import ready_methods
+    methods = args.methods or ready_methods(3)  # the sample pair is 3D
     print(f"IterativeRegistration demo: sample pair {pair_dir.name}, device {device}, methods {', '.join(methods)}")
     rows = []
     for name in methods:

@@ -12,7 +12,7 @@ from .r2n2 import R2N2Method
 from .riir import RIIRMethod
 from .voxelmorph import VoxelMorphMethod
 
-__all__ = ["available_methods", "get_method", "register_method", "Step", "Prompts", "RegistrationMethod", "MethodOptions",
+__all__ = ["available_methods", "ready_methods", "get_method", "register_method", "Step", "Prompts", "RegistrationMethod", "MethodOptions",
            "finite_steps"]
 
 _METHODS: dict[str, type[RegistrationMethod]] = {m.name: m for m in (IdentityMethod, ClassicalMethod,
@@ -23,6 +23,14 @@ _METHODS: dict[str, type[RegistrationMethod]] = {m.name: m for m in (IdentityMet
 def available_methods() -> dict[str, type[RegistrationMethod]]:
     """Name -> class of every method this installation can run."""
     return dict(_METHODS)
+
+
+def ready_methods(ndim: int) -> list[str]:
+    """Methods that register ``ndim``-D images as installed: those needing no checkpoint, and learned ones with a
+    bundled checkpoint for that dimension (R2N2's is 2D only, so it is not ready for 3D images)."""
+    from ..resources import default_checkpoint
+    return [name for name, cls in _METHODS.items() if ndim in cls.supported_ndims
+            and (not cls.needs_checkpoint or default_checkpoint(name, ndim) is not None)]
 
 
 def get_method(name: str) -> type[RegistrationMethod]:

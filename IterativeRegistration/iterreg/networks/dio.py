@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from .config import DictConfig
+from .conv import conv
 from .unet import pad_to_multiple
 
 __all__ = ["DIOConfig", "FeatureNetwork"]
@@ -57,16 +58,12 @@ class DIOConfig(DictConfig):
         return [1.0] * count  # the optimum of every scale is trained (the public code's default)
 
 
-def _conv(ndim, cin, cout, kernel=3, stride=1):
-    return (nn.Conv2d if ndim == 2 else nn.Conv3d)(cin, cout, kernel, stride=stride, padding=kernel // 2)
-
-
 class LargeKernelBlock(nn.Module):
     """LKU-Net's block: large + small + pointwise convs + identity, summed, then the activation."""
 
     def __init__(self, ndim: int, channels: int, large: int = 5):
         super().__init__()
-        self.large, self.small, self.point = (_conv(ndim, channels, channels, k) for k in (large, 3, 1))
+        self.large, self.small, self.point = (conv(ndim, channels, channels, k) for k in (large, 3, 1))
 
     def forward(self, x):
         return nn.functional.leaky_relu(self.large(x) + self.small(x) + self.point(x) + x, 0.2)
@@ -74,7 +71,7 @@ class LargeKernelBlock(nn.Module):
 
 def _block(ndim, cin, cout, stride, large):
     """conv (strided when downsampling) + LeakyReLU, then a large-kernel block in the LK variants."""
-    layers = [_conv(ndim, cin, cout, 3, stride), nn.LeakyReLU(0.2)]
+    layers = [conv(ndim, cin, cout, 3, stride), nn.LeakyReLU(0.2)]
     if large:
         layers.append(LargeKernelBlock(ndim, cout))
     return nn.Sequential(*layers)
@@ -93,10 +90,10 @@ class _UNetFeatures(nn.Module):
             width = max(c[level], config.feature_channels)
             self.decoder[str(level)] = _block(nd, below + c[level], width, 1, False)
             below = width
-        self.heads = nn.ModuleDict({str(s): _conv(nd, self.decoder[str(int(math.log2(s)))][0].out_channels,
+        self.heads = nn.ModuleDict({str(s): conv(nd, self.decoder[str(int(math.log2(s)))][0].out_channels,
                                                   config.feature_channels) for s in config.scales if s <= 4})
         if 8 in config.scales:
-            self.heads["8"] = _conv(nd, c[3], config.feature_channels)
+            self.heads["8"] = conv(nd, c[3], config.feature_channels)
         self.mode = "bilinear" if nd == 2 else "trilinear"
 
     def forward(self, x) -> dict[int, torch.Tensor]:
@@ -124,7 +121,7 @@ class _EncoderFeatures(nn.Module):
             depth = int(math.log2(s))
             layers = [_block(nd, 1, c[0], 1, large)]
             layers += [_block(nd, c[i - 1], c[i], 2, large) for i in range(1, depth + 1)]
-            layers += [_block(nd, c[depth], c[depth], 1, large), _conv(nd, c[depth], config.feature_channels)]
+            layers += [_block(nd, c[depth], c[depth], 1, large), conv(nd, c[depth], config.feature_channels)]
             self.encoders[str(s)] = nn.Sequential(*layers)
 
     def forward(self, x) -> dict[int, torch.Tensor]:

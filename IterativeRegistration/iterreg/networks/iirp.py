@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from ..spatial import compose, resize_displacement, warp
 from .config import DictConfig
+from .conv import conv
 from .unet import pad_to_multiple
 
 __all__ = ["IIRPConfig", "RPNet", "IIRPState", "iterative_inference", "LEVELS"]
@@ -52,15 +53,11 @@ class IIRPConfig(DictConfig):
         return [1.0] * count  # one output: the final flow
 
 
-def _conv(ndim, cin, cout, kernel=3):
-    return (nn.Conv2d if ndim == 2 else nn.Conv3d)(cin, cout, kernel, padding=kernel // 2)
-
-
 class FeatureExtractor(nn.Module):
     def __init__(self, ndim: int, channels: Sequence[int]):
         super().__init__()
         widths = [1, *channels]
-        self.blocks = nn.ModuleList(nn.Sequential(_conv(ndim, a, b), nn.LeakyReLU(0.1))
+        self.blocks = nn.ModuleList(nn.Sequential(conv(ndim, a, b), nn.LeakyReLU(0.1))
                                     for a, b in zip(widths[:-1], widths[1:]))
         self.pool = nn.AvgPool2d(2) if ndim == 2 else nn.AvgPool3d(2)
 
@@ -77,7 +74,7 @@ class FeatureExtractor(nn.Module):
 class ResBlock(nn.Module):
     def __init__(self, ndim, channels):
         super().__init__()
-        self.conv = _conv(ndim, channels, channels)
+        self.conv = conv(ndim, channels, channels)
         self.act = nn.LeakyReLU(0.1)
 
     def forward(self, x):
@@ -89,9 +86,9 @@ class ResidualFlowEstimator(nn.Module):
 
     def __init__(self, ndim: int, feature_channels: int, q: int):
         super().__init__()
-        self.body = nn.Sequential(_conv(ndim, 2 * feature_channels, q), nn.LeakyReLU(0.1),
-                                  ResBlock(ndim, q), ResBlock(ndim, q), _conv(ndim, q, q // 2))
-        self.head = _conv(ndim, q // 2, ndim)
+        self.body = nn.Sequential(conv(ndim, 2 * feature_channels, q), nn.LeakyReLU(0.1),
+                                  ResBlock(ndim, q), ResBlock(ndim, q), conv(ndim, q, q // 2))
+        self.head = conv(ndim, q // 2, ndim)
         nn.init.normal_(self.head.weight, 0.0, 1e-5)  # start near the identity, as VoxelMorph's flow layer
         nn.init.zeros_(self.head.bias)
 

@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from ..spatial import normalised_grid, normalised_to_voxels, sample_at_voxels, warp
 from .config import DictConfig
+from .conv import conv
 from .unet import ConvGRU
 
 __all__ = ["R2N2Config", "R2N2Network", "R2N2State", "gaussian_displacement"]
@@ -119,10 +120,6 @@ def features_at(features: torch.Tensor, center: torch.Tensor, shape: Sequence[in
     return sample_at_voxels(features, pixel.reshape(*pixel.shape, *([1] * nd))).flatten(1)
 
 
-def _conv(ndim, cin, cout, kernel=3, stride=1):
-    return (nn.Conv2d if ndim == 2 else nn.Conv3d)(cin, cout, kernel, stride=stride, padding=kernel // 2)
-
-
 def _activation(name):
     return nn.Tanh() if name == "tanh" else nn.LeakyReLU(0.01)
 
@@ -134,8 +131,8 @@ def _norm(ndim, channels, enabled):
 class ResidualBlock(nn.Module):
     def __init__(self, ndim, channels, activation, norm=False):
         super().__init__()
-        self.body = nn.Sequential(_conv(ndim, channels, channels), _norm(ndim, channels, norm), _activation(activation),
-                                  _conv(ndim, channels, channels), _norm(ndim, channels, norm))
+        self.body = nn.Sequential(conv(ndim, channels, channels), _norm(ndim, channels, norm), _activation(activation),
+                                  conv(ndim, channels, channels), _norm(ndim, channels, norm))
         self.act = _activation(activation)
 
     def forward(self, x):
@@ -156,10 +153,9 @@ class PositionNetwork(nn.Module):
         # optional learned temperature (the public code has it, off by default): a uniform soft-max over
         # thousands of pixels passes each pixel ~1/N of the position's gradient; dividing by T < 1 sharpens it
         self.temperature = nn.Parameter(torch.tensor(float(temperature))) if temperature > 0 else None
-        conv = nn.Conv2d if ndim == 2 else nn.Conv3d
         # no bias: a spatial soft-max ignores a constant, so a bias would be a parameter without a gradient
-        self.position = conv(channels, 1, 1, bias=False)
-        self.trust = conv(channels, 1, 1, bias=False)
+        self.position = conv(ndim, channels, 1, 1, bias=False)
+        self.trust = conv(ndim, channels, 1, 1, bias=False)
 
     def forward(self, x, coordinates):
         logits = self.position(x)
@@ -179,7 +175,7 @@ class GR2U(nn.Module):
         self.gru = ConvGRU(ndim, cin, cin)
         self.act = _activation(activation)
         self.position = PositionNetwork(ndim, cin, temperature)
-        self.down = nn.Sequential(_conv(ndim, cin, cout, stride=2), _norm(ndim, cout, norm), _activation(activation))
+        self.down = nn.Sequential(conv(ndim, cin, cout, stride=2), _norm(ndim, cout, norm), _activation(activation))
 
     def forward(self, x, hidden, coordinates):
         features = self.residual(x)
@@ -196,8 +192,8 @@ class ParameterNetwork(nn.Module):
         super().__init__()
         half = channels // 2
         self.ndim, self.half, self.sigma_max = ndim, half, sigma_max
-        self.conv = _conv(ndim, channels, channels)
-        self.content = _conv(ndim, half, half)
+        self.conv = conv(ndim, channels, channels)
+        self.content = conv(ndim, half, half)
         self.act = _activation(activation)
         angles = 1 if ndim == 2 else 3
         self.fc = nn.Sequential(nn.Linear(half + local_channels, hidden), _activation(activation),
@@ -236,7 +232,7 @@ class R2N2Network(nn.Module):
         self.config = config
         nd, ch = config.ndim, config.channels
         cin = 2 + (nd if config.coordinates else 0)
-        self.stem = nn.Sequential(_conv(nd, cin, ch[0], kernel=7, stride=2), _norm(nd, ch[0], config.instance_norm),
+        self.stem = nn.Sequential(conv(nd, cin, ch[0], kernel=7, stride=2), _norm(nd, ch[0], config.instance_norm),
                                   _activation(config.activation))
         self.units = nn.ModuleList(GR2U(nd, ch[k], ch[k + 1], config.residual_blocks, config.activation,
                                         config.instance_norm, config.temperature) for k in range(3))

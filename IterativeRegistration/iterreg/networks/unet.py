@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import DictConfig
+from .conv import conv
 
 __all__ = ["UNet", "UNetConfig", "RecurrentUNet", "ConvGRU", "pad_to_multiple"]
 
@@ -40,8 +41,7 @@ class UNetConfig(DictConfig):
 
 
 def _conv(ndim: int, cin: int, cout: int, stride: int = 1) -> nn.Module:
-    conv = (nn.Conv2d if ndim == 2 else nn.Conv3d)(cin, cout, 3, stride=stride, padding=1)
-    return nn.Sequential(conv, nn.LeakyReLU(0.2))
+    return nn.Sequential(conv(ndim, cin, cout, 3, stride=stride), nn.LeakyReLU(0.2))
 
 
 class UNet(nn.Module):
@@ -73,7 +73,7 @@ class UNet(nn.Module):
         for width in c.decoder[len(c.encoder):]:
             self.extra.append(_conv(c.ndim, cin, width))
             cin = width
-        self.head = (nn.Conv2d if c.ndim == 2 else nn.Conv3d)(cin, c.out_channels, 3, padding=1)
+        self.head = conv(c.ndim, cin, c.out_channels, 3)
         nn.init.normal_(self.head.weight, 0.0, c.final_init_std)
         nn.init.zeros_(self.head.bias)
         self.features: torch.Tensor | None = None  # last full-resolution features (a visualisation channel)
@@ -112,10 +112,9 @@ class ConvGRU(nn.Module):
 
     def __init__(self, ndim: int, in_channels: int, hidden_channels: int):
         super().__init__()
-        conv = nn.Conv2d if ndim == 2 else nn.Conv3d
         self.hidden_channels = hidden_channels
-        self.gates = conv(in_channels + hidden_channels, 2 * hidden_channels, 3, padding=1)
-        self.candidate = conv(in_channels + hidden_channels, hidden_channels, 3, padding=1)
+        self.gates = conv(ndim, in_channels + hidden_channels, 2 * hidden_channels, 3)
+        self.candidate = conv(ndim, in_channels + hidden_channels, hidden_channels, 3)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor | None) -> torch.Tensor:
         if h is None:  # h_1 = 0 (RIIR Eq. 11)

@@ -141,6 +141,62 @@ def bspline_register(fixed, moving, mesh: int):
     return torch.from_numpy(u).float()[None], len(transform.GetParameters()), elapsed
 
 
+def fit_gaussians(fixed, moving, count: int, sigma_max: float, tv_weight: float, greedy_iterations: int = 60,
+                  joint_iterations: int = 100):
+    """R2N2's transform without its network: ``count`` local Gaussians (the same ranges of centre, widths,
+    rotation and weight as the parameter network's outputs) fitted to one pair by Adam on R2N2's training loss
+    (MSE + TV). Greedy, as R2N2 adds them: each new Gaussian starts where a Gaussian bump of the loss gradient is
+    largest and is fitted alone, then all are refined together. The representation's own accuracy at that size,
+    to separate it from what the network has learned. Returns the voxel field."""
+    import math
+
+    import torch
+
+    from iterreg import losses
+    from iterreg.networks.r2n2 import LocalDeformation, gaussian_displacement
+    from iterreg.spatial import gaussian_smooth, warp
+
+    shape = tuple(fixed.shape[2:])
+    if len(shape) != 2:
+        raise ValueError("fit_gaussians is written for 2D pairs (R2N2's setting)")
+
+    def field(raws):
+        u = fixed.new_zeros(1, 2, *shape)
+        for r in raws:  # the network's output ranges (networks/r2n2.py ParameterNetwork, PositionNetwork)
+            g = LocalDeformation(center=torch.tanh(r[:, 0:2]), sigma=torch.sigmoid(r[:, 2:4]) * sigma_max + 1e-4,
+                                 weight=torch.tanh(r[:, 4:6]), angles=torch.sigmoid(r[:, 6:7]) * math.pi)
+            u = u + gaussian_displacement(g, shape)[0]
+        return u
+
+    def loss(raws):
+        u = field(raws)
+        return losses.mse(fixed, warp(moving, u)) + tv_weight * losses.isotropic_tv(u)
+
+    def fitted(raws, trainable, iterations, lr):
+        optimizer = torch.optim.Adam(trainable, lr=lr)
+        for _ in range(iterations):
+            optimizer.zero_grad()
+            loss(raws).backward()
+            optimizer.step()
+
+    raws = []
+    for _ in range(count):
+        base = field(raws).detach().requires_grad_(True)
+        gradient, = torch.autograd.grad(losses.mse(fixed, warp(moving, base)), base)
+        bump = gaussian_smooth(gradient, 0.5 * sigma_max * shape[0] / 2)  # a mid-width Gaussian's first-order gain
+        i, j = divmod(int((bump ** 2).sum(1).flatten().argmax()), shape[1])
+        raw = torch.zeros(1, 7)
+        raw[0, 0:2] = torch.atanh(torch.tensor([2 * i / (shape[0] - 1) - 1, 2 * j / (shape[1] - 1) - 1]).clamp(-0.95, 0.95))
+        downhill = -bump[0, :, i, j]
+        raw[0, 4:6] = torch.atanh(0.05 * downhill / (downhill.norm() + 1e-12))
+        raw.requires_grad_(True)
+        fitted([r.detach() for r in raws] + [raw], [raw], greedy_iterations, 0.05)
+        raws.append(raw.detach())
+    raws = [r.clone().requires_grad_(True) for r in raws]
+    fitted(raws, raws, joint_iterations, 0.01)
+    return field([r.detach() for r in raws]).detach()
+
+
 def _elastix_2d(sample) -> dict | None:
     """itk-elastix on the slice pair (the all-methods tables' baseline, here in 2D), or None if not installed."""
     import os
@@ -171,6 +227,8 @@ def compactness(args) -> str:
     meshes = (2, 3, 4, 6, 8, 12, 16)
     identity_all, r2n2_all, classical_all, elastix_all = [], [], [], []
     bspline_all = {m: [] for m in meshes}
+    fitted_counts = (8, 25)
+    fitted_all = {n: [] for n in fitted_counts}
     steps_used = None
     for seed, pair, evaluation, sample in pairs(2, 128, args.pairs_2d, args.first_seed):
         method = get_method("r2n2").create(args.checkpoint, ndim=2)
@@ -194,10 +252,18 @@ def compactness(args) -> str:
         if elastix is not None:
             elastix_all.append(elastix)
         r2n2_all.append(r2n2)
+        config = method.network.config
+        tv_weight = method.metadata["training"]["config"]["loss"]["regularization_weight"]  # the checkpoint's own
+        for n in fitted_counts:
+            start = time.perf_counter()
+            u = fit_gaussians(pair.fixed, pair.moving, n, config.sigma_max, tv_weight)
+            fitted_all[n].append({**score(evaluation, u), "time": time.perf_counter() - start,
+                                  "params": n * config.parameter_count})
         print(f"pair {seed}: identity TRE {identity_all[-1]['tre']:.2f}, R2N2 {r2n2['tre']:.2f} ({r2n2['params']} "
               f"numbers), classical {classical_all[-1]['tre']:.2f}, elastix "
               f"{elastix['tre'] if elastix else float('nan'):.2f}, B-spline " +
-              ", ".join(f"{m}:{bspline_all[m][-1]['tre']:.2f}" for m in meshes), flush=True)
+              ", ".join(f"{m}:{bspline_all[m][-1]['tre']:.2f}" for m in meshes) + ", fitted Gaussians " +
+              ", ".join(f"{n}:{fitted_all[n][-1]['tre']:.2f}" for n in fitted_counts), flush=True)
     mean = lambda rs, key: float(np.mean([r[key] for r in rs]))  # noqa: E731
     reference, reference_name = (elastix_all, "elastix") if elastix_all else (r2n2_all, "R2N2")
     time_ratio = lambda rs: f"{mean(rs, 'time') / mean(reference, 'time'):.2f}" if rs and "time" in rs[0] else "-"  # noqa: E731
@@ -209,16 +275,19 @@ def compactness(args) -> str:
     rows = [row("identity", identity_all, "0"),
             row(f"R2N2, {steps_used} Gaussians", r2n2_all, f"{mean(r2n2_all, 'params'):.0f}"),
             row("classical (dense, ours)", classical_all, f"{2 * 128 * 128}")]
+    rows += [row(f"{n} Gaussians fitted to each pair (no network)", fitted_all[n], f"{mean(fitted_all[n], 'params'):.0f}")
+             for n in fitted_counts]
     if elastix_all:
         rows.append(row("itk-elastix (B-spline, 3 levels)", elastix_all, "-"))
-    matched = None
     for mesh in meshes:
         rs = bspline_all[mesh]
         rows.append(row(f"B-spline, mesh {mesh}x{mesh}", rs, f"{mean(rs, 'params'):.0f}"))
-        if matched is None and mean(rs, "tre") <= r2n2_tre:
-            matched = (mesh, mean(rs, "params"))
     table = markdown_table(["transform", "Dice", "TRE mm", "folding %", "parameters",
                             f"CPU time / {reference_name}"], rows)
+    def coarsest_bspline_within(tre):
+        return next(((m, mean(bspline_all[m], "params")) for m in meshes if mean(bspline_all[m], "tre") <= tre), None)
+
+    matched = coarsest_bspline_within(r2n2_tre)
     if matched:
         verdict = (f"The coarsest B-spline grid that is at least as accurate (TRE <= {r2n2_tre:.2f} mm) is "
                    f"{matched[0]}x{matched[0]} with {matched[1]:.0f} parameters: R2N2 needs "
@@ -226,6 +295,13 @@ def compactness(args) -> str:
     else:
         verdict = (f"No B-spline grid tried reached R2N2's TRE ({r2n2_tre:.2f} mm) - R2N2's transform is then the "
                    "more accurate one at any size tried.")
+    for n in fitted_counts:
+        tre, params = mean(fitted_all[n], "tre"), mean(fitted_all[n], "params")
+        grid = coarsest_bspline_within(tre)
+        verdict += (f" {n} fitted Gaussians ({params:.0f} numbers, TRE {tre:.2f} mm): " +
+                    (f"the coarsest B-spline grid at least as accurate is {grid[0]}x{grid[0]} with {grid[1]:.0f} "
+                     f"parameters ({100 * params / grid[1]:.0f}% of them)." if grid else
+                     "no B-spline grid tried is as accurate."))
     return "\n".join([
         "## R2N2: compactness and speed (its paper's comparison)", "",
         f"Run {date.today().isoformat()} on {machine()}, by `Testing/benchmark_iirp_r2n2.py compactness`. Checkpoint "
@@ -234,7 +310,11 @@ def compactness(args) -> str:
         "the final transform (R2N2: 7 per Gaussian: centre 2, widths 2, rotation 1, weight 2; B-spline: 2 per "
         "control point of a cubic grid with that many mesh cells, SimpleITK, MSE, L-BFGS-B, 3 resolutions; dense: "
         f"2 per pixel). Times are ratios to {reference_name}'s in the same run (CPU, 2 threads; elastix: its "
-        "default B-spline map, 3 resolutions, as in the all-methods tables).", "", table, "", verdict])
+        "default B-spline map, 3 resolutions, as in the all-methods tables). 'Gaussians fitted to each pair' is "
+        "R2N2's transform without its network: that many Gaussians, with the parameter network's ranges, fitted "
+        "to the pair by Adam on the checkpoint's training loss (MSE + TV), one at a time and then together "
+        "(`fit_gaussians`): how compact the representation is, apart from what the network has learned (its "
+        "time is that of this unoptimised fit).", "", table, "", verdict])
 
 
 def series(args) -> str:

@@ -148,13 +148,11 @@ def fit_gaussians(fixed, moving, count: int, sigma_max: float, tv_weight: float,
     (MSE + TV). Greedy, as R2N2 adds them: each new Gaussian starts where a Gaussian bump of the loss gradient is
     largest and is fitted alone, then all are refined together. The representation's own accuracy at that size,
     to separate it from what the network has learned. Returns the voxel field."""
-    import math
-
     import torch
 
     from iterreg import losses
-    from iterreg.networks.r2n2 import LocalDeformation, gaussian_displacement
-    from iterreg.spatial import gaussian_smooth, warp
+    from iterreg.networks.r2n2 import LocalDeformation, gaussian_displacement, gaussian_parameters
+    from iterreg.spatial import gaussian_smooth, normalised_grid, warp
 
     shape = tuple(fixed.shape[2:])
     if len(shape) != 2:
@@ -162,9 +160,9 @@ def fit_gaussians(fixed, moving, count: int, sigma_max: float, tv_weight: float,
 
     def field(raws):
         u = fixed.new_zeros(1, 2, *shape)
-        for r in raws:  # the network's output ranges (networks/r2n2.py ParameterNetwork, PositionNetwork)
-            g = LocalDeformation(center=torch.tanh(r[:, 0:2]), sigma=torch.sigmoid(r[:, 2:4]) * sigma_max + 1e-4,
-                                 weight=torch.tanh(r[:, 4:6]), angles=torch.sigmoid(r[:, 6:7]) * math.pi)
+        for r in raws:  # r = [centre 2 (tanh: inside the image, as a soft-argmax), the parameter network's 5]
+            sigma, weight, angles = gaussian_parameters(r[:, 2:], 2, sigma_max)
+            g = LocalDeformation(center=torch.tanh(r[:, 0:2]), sigma=sigma, weight=weight, angles=angles)
             u = u + gaussian_displacement(g, shape)[0]
         return u
 
@@ -186,7 +184,7 @@ def fit_gaussians(fixed, moving, count: int, sigma_max: float, tv_weight: float,
         bump = gaussian_smooth(gradient, 0.5 * sigma_max * shape[0] / 2)  # a mid-width Gaussian's first-order gain
         i, j = divmod(int((bump ** 2).sum(1).flatten().argmax()), shape[1])
         raw = torch.zeros(1, 7)
-        raw[0, 0:2] = torch.atanh(torch.tensor([2 * i / (shape[0] - 1) - 1, 2 * j / (shape[1] - 1) - 1]).clamp(-0.95, 0.95))
+        raw[0, 0:2] = torch.atanh(normalised_grid(shape)[0, :, i, j].clamp(-0.95, 0.95))  # the centre's convention
         downhill = -bump[0, :, i, j]
         raw[0, 4:6] = torch.atanh(0.05 * downhill / (downhill.norm() + 1e-12))
         raw.requires_grad_(True)

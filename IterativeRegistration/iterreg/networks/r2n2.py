@@ -31,7 +31,7 @@ from .config import DictConfig
 from .conv import conv
 from .unet import ConvGRU
 
-__all__ = ["R2N2Config", "R2N2Network", "R2N2State", "gaussian_displacement"]
+__all__ = ["R2N2Config", "R2N2Network", "R2N2State", "gaussian_displacement", "gaussian_parameters"]
 
 
 @dataclass(frozen=True)
@@ -207,11 +207,16 @@ class ParameterNetwork(nn.Module):
         attention = spatial_softmax(x[:, self.half:2 * self.half])
         pooled = self.act((content * attention).flatten(2).sum(2))
         c = self.fc(pooled if at_center is None else torch.cat([pooled, at_center], 1))
-        nd = self.ndim
-        sigma = torch.sigmoid(c[:, :nd]) * self.sigma_max + 1e-4
-        weight = torch.tanh(c[:, nd:2 * nd])
-        angles = torch.sigmoid(c[:, 2 * nd:]) * math.pi
-        return sigma, weight, angles
+        return gaussian_parameters(c, self.ndim, self.sigma_max)
+
+
+def gaussian_parameters(raw: torch.Tensor, ndim: int, sigma_max: float):
+    """Eq. 18's output ranges from unbounded numbers ``[B, 2 ndim + angles]``: widths sigmoid * sigma_max,
+    weight tanh, rotation sigmoid * pi. Returns (sigma, weight, angles)."""
+    sigma = torch.sigmoid(raw[:, :ndim]) * sigma_max + 1e-4
+    weight = torch.tanh(raw[:, ndim:2 * ndim])
+    angles = torch.sigmoid(raw[:, 2 * ndim:]) * math.pi
+    return sigma, weight, angles
 
 
 @dataclass

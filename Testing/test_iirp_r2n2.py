@@ -19,7 +19,7 @@ from iterreg.methods import get_method
 from iterreg.networks.iirp import IIRPConfig, RPNet, iterative_inference
 from iterreg.networks.r2n2 import (LocalDeformation, R2N2Config, R2N2Network, features_at, gaussian_displacement,
                                    rotation_matrix)
-from iterreg.spatial import normalised_grid, warp
+from iterreg.spatial import gaussian_smooth, normalised_grid, warp
 
 from test_riir_deqreg import SHAPES, checkpoint, pair
 
@@ -218,6 +218,37 @@ def test_r2n2_sees_the_fixed_image_and_the_warped_moving_one_or_its_difference_f
     assert stem_input.shape[1] == 2 + 2  # two image channels and two coordinate channels
     torch.testing.assert_close(stem_input[:, :1], fixed)
     torch.testing.assert_close(stem_input[:, 1:2], moving - fixed if difference_input else moving)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_with_gradient_input_r2n2_also_sees_where_and_which_way_the_mse_falls_fastest(ndim):
+    # moving = fixed warped by one Gaussian displacement w centred at c: undoing it (u = -w near c) is downhill,
+    # so the extra channels must be longest near c, of length 1 there, and point along -w
+    shape = (40, 36) if ndim == 2 else (24, 20, 22)
+    torch.manual_seed(0)
+    fixed = gaussian_smooth(torch.randn(1, 1, *shape), 2.0)
+    fixed = (fixed - fixed.min()) / (fixed.max() - fixed.min())
+    center = torch.tensor([[0.35, -0.3, 0.2][:ndim]])
+    weight = torch.tensor([[0.12, 0.08, -0.1][:ndim]])
+    bump = LocalDeformation(center, torch.full((1, ndim), 0.2), torch.zeros(1, 1 if ndim == 2 else 3), weight)
+    w = gaussian_displacement(bump, shape)[0]
+    moving = warp(fixed, w, padding_mode="border")  # no cliff at the edge: only the bump differs
+    network = R2N2Network(R2N2Config(ndim=ndim, channels=(8, 8, 8, 16), gradient_input=True))
+    seen = []
+    network.stem.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    with torch.no_grad():
+        list(network.iterate(fixed, moving, 1))
+    assert seen[0].shape[1] == 2 + ndim + ndim  # images, coordinates, the gradient
+    downhill = seen[0][:, 2 + ndim:]
+    length = downhill.norm(dim=1)[0]
+    assert float(length.max()) == pytest.approx(1.0)
+    peak = np.unravel_index(int(length.flatten().argmax()), shape)
+    peak_position = normalised_grid(shape)[(0, slice(None), *peak)]
+    assert float((peak_position - center[0]).norm()) < 0.3  # within 1.5 widths of the deformation's centre (of 2)
+    at_peak = downhill[(0, slice(None), *peak)]
+    w_at_peak = w[(0, slice(None), *peak)]
+    # (only the part of -w along the image's edges is seen: the aperture problem, so not exactly -w)
+    assert float(torch.nn.functional.cosine_similarity(at_peak, -w_at_peak, dim=0)) > 0.5
 
 
 def r2n2_checkpoint(tmp_path, ndim):

@@ -26,7 +26,8 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from ..spatial import normalised_grid, normalised_to_voxels, sample_at_voxels, warp
+from .. import losses
+from ..spatial import gaussian_smooth, normalised_grid, normalised_to_voxels, sample_at_voxels, warp
 from .config import DictConfig
 from .conv import conv
 from .unet import ConvGRU
@@ -54,6 +55,11 @@ class R2N2Config(DictConfig):
     # in the centre); the paper pools them with an attention of its own, so the weight need not describe the place
     # the Gaussian goes (Docs/methods.md, R2N2)
     center_features: bool = True
+    # extra input channels: the MSE's gradient with respect to the displacement, smoothed by a Gaussian of half
+    # sigma_max and scaled to a largest length of 1 (detached: data, as RIIR's similarity gradient). Where it is
+    # longest a Gaussian of that width lowers the loss most, and it points the way the weight should (not in the
+    # paper; Docs/methods.md, R2N2)
+    gradient_input: bool = False
     working_scale: float = 1.0  # the network's grid relative to the image grid (methods/learned.py)
 
     def __post_init__(self):
@@ -236,7 +242,7 @@ class R2N2Network(nn.Module):
         super().__init__()
         self.config = config
         nd, ch = config.ndim, config.channels
-        cin = 2 + (nd if config.coordinates else 0)
+        cin = 2 + (nd if config.coordinates else 0) + (nd if config.gradient_input else 0)
         self.stem = nn.Sequential(conv(nd, cin, ch[0], kernel=7, stride=2), _norm(nd, ch[0], config.instance_norm),
                                   _activation(config.activation))
         self.units = nn.ModuleList(GR2U(nd, ch[k], ch[k + 1], config.residual_blocks, config.activation,
@@ -255,7 +261,10 @@ class R2N2Network(nn.Module):
         for _ in range(steps):
             warped = warp(moving, u)
             second = warped - fixed if self.config.difference_input else warped
-            x = self.stem(torch.cat([fixed, second] + ([grid] if self.config.coordinates else []), dim=1))
+            inputs = [fixed, second] + ([grid] if self.config.coordinates else [])
+            if self.config.gradient_input:
+                inputs.append(self.similarity_gradient(fixed, moving, u))
+            x = self.stem(torch.cat(inputs, dim=1))
             positions, confidences, attentions = [], [], []
             for k, unit in enumerate(self.units):
                 stride = 2 ** (k + 1)  # a stride-2 conv keeps pixel 2j of its input: level k+1 sees every 2^(k+1)th
@@ -274,6 +283,19 @@ class R2N2Network(nn.Module):
             local, profile = gaussian_displacement(gaussian, shape)
             u = u + local
             yield R2N2State(u, local, profile, gaussian, weights, attentions, warped)
+
+    def similarity_gradient(self, fixed: torch.Tensor, moving: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """grad_u of the MSE at ``u``, smoothed by a Gaussian of half sigma_max (in voxels of each axis) and scaled
+        so that its longest vector has length 1 per sample; detached."""
+        with torch.enable_grad():
+            point = u.detach().requires_grad_(True)
+            # border padding: with zeros, an image that is not zero at its edge gets a cliff there, whose slope
+            # would make the edge look like the place where the loss falls fastest
+            (gradient,) = torch.autograd.grad(losses.mse(fixed, warp(moving, point, padding_mode="border")), point)
+        shape = fixed.shape[2:]
+        gradient = gaussian_smooth(gradient, [0.5 * self.config.sigma_max * (n - 1) / 2 for n in shape])
+        longest = gradient.norm(dim=1, keepdim=True).flatten(1).amax(1).clamp_min(1e-12)
+        return -gradient / longest.reshape(-1, *([1] * (gradient.dim() - 1)))  # downhill
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor, steps: int | None = None) -> list[torch.Tensor]:
         """Training: every step's displacement on the working grid (the caller upsamples)."""

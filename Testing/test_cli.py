@@ -155,9 +155,9 @@ def test_the_methods_ready_for_3d_images_are_those_with_a_3d_checkpoint_or_none_
     from iterreg.methods import ready_methods
     from iterreg.resources import default_checkpoint
     ready = ready_methods(3)
-    assert {"identity", "classical", "voxelmorph", "riir", "deqreg", "iirp", "dio"} <= set(ready)
-    assert default_checkpoint("r2n2", 2) is not None and default_checkpoint("r2n2", 3) is None
-    assert "r2n2" not in ready and "r2n2" in ready_methods(2)  # its only bundled checkpoint is 2D
+    assert {"identity", "classical", "voxelmorph", "riir", "deqreg", "iirp", "dio", "r2n2"} <= set(ready)
+    assert default_checkpoint("voxelmorph", 3) is not None and default_checkpoint("voxelmorph", 2) is None
+    assert "voxelmorph" not in ready_methods(2)  # its only bundled checkpoint is 3D
 
 
 def test_methods_lists_identity_and_classical(capsys):

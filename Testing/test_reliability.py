@@ -271,13 +271,15 @@ def test_a_checkpoint_for_another_dimensionality_or_method_is_refused(images, ca
     only_error_line(code, err, 2, fragment)
 
 
-def test_a_method_bundled_only_for_2d_images_says_so_on_3d_images(images, capsys):
-    # R2N2's only bundled checkpoint is 2D: on a 3D pair without --checkpoint the error names what it can register
-    tmp_path, fixed, moving = images
-    code, err = run_cli(["register", fixed, moving, "--out", str(tmp_path / "o"), "--method", "r2n2", "--quiet"],
-                        capsys)
-    only_error_line(code, err, 2, "none is bundled for it for 3D images (the bundled one is for 2D images; "
-                    "single-slice volumes and 2D+t series are 2D)")
+def test_a_method_bundled_only_for_3d_images_says_so_on_2d_images(tmp_path, small_pair, capsys):
+    # VoxelMorph's only bundled checkpoint is 3D: on a 2D pair without --checkpoint the error names what it can
+    # register
+    middle = small_pair.fixed.GetSize()[2] // 2
+    fixed = write(small_pair.fixed[:, :, middle], tmp_path / "fixed.nii.gz")  # SimpleITK: an index drops the axis
+    moving = write(small_pair.moving[:, :, middle], tmp_path / "moving.nii.gz")
+    code, err = run_cli(["register", fixed, moving, "--out", str(tmp_path / "o"), "--method", "voxelmorph",
+                         "--quiet"], capsys)
+    only_error_line(code, err, 2, "none is bundled for it for 2D images (the bundled one is for 3D images)")
     assert not (tmp_path / "o").exists()
 
 

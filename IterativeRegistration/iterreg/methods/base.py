@@ -150,7 +150,7 @@ class RegistrationMethod(ABC):
         if checkpoint is None:
             for_images = f" for {ndim}D images" if ndim else ""
             other = {2: 3, 3: 2}.get(ndim)
-            if other and default_checkpoint(cls.name, other) is not None:  # R2N2: 2D only
+            if other and default_checkpoint(cls.name, other) is not None:  # e.g. VoxelMorph: 3D only
                 for_images += (f" (the bundled one is for {other}D images"
                                + ("; single-slice volumes and 2D+t series are 2D" if other == 2 else "") + ")")
             raise InputError(f"method '{cls.name}' is learned and needs a checkpoint (.safetensors): none is "

@@ -27,7 +27,7 @@ def available_methods() -> dict[str, type[RegistrationMethod]]:
 
 def ready_methods(ndim: int) -> list[str]:
     """Methods that register ``ndim``-D images as installed: those needing no checkpoint, and learned ones with a
-    bundled checkpoint for that dimension (R2N2's is 2D only, so it is not ready for 3D images)."""
+    bundled checkpoint for that dimension (VoxelMorph's is 3D only, so it is not ready for 2D images)."""
     from ..resources import default_checkpoint
     return [name for name, cls in _METHODS.items() if ndim in cls.supported_ndims
             and (not cls.needs_checkpoint or default_checkpoint(name, ndim) is not None)]

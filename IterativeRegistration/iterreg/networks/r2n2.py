@@ -293,7 +293,8 @@ class R2N2Network(nn.Module):
             # would make the edge look like the place where the loss falls fastest
             (gradient,) = torch.autograd.grad(losses.mse(fixed, warp(moving, point, padding_mode="border")), point)
         shape = fixed.shape[2:]
-        gradient = gaussian_smooth(gradient, [0.5 * self.config.sigma_max * (n - 1) / 2 for n in shape])
+        width = normalised_to_voxels(torch.full((len(shape),), 0.5 * self.config.sigma_max), shape)  # per axis
+        gradient = gaussian_smooth(gradient, width.tolist())
         longest = gradient.norm(dim=1, keepdim=True).flatten(1).amax(1).clamp_min(1e-12)
         return -gradient / longest.reshape(-1, *([1] * (gradient.dim() - 1)))  # downhill
 

@@ -151,8 +151,9 @@ def fit_gaussians(fixed, moving, count: int, sigma_max: float, tv_weight: float,
     import torch
 
     from iterreg import losses
-    from iterreg.networks.r2n2 import LocalDeformation, gaussian_displacement, gaussian_parameters
-    from iterreg.spatial import gaussian_smooth, normalised_grid, warp
+    from iterreg.networks.r2n2 import (LocalDeformation, downhill_mse_gradient, gaussian_displacement,
+                                       gaussian_parameters)
+    from iterreg.spatial import normalised_grid, warp
 
     shape = tuple(fixed.shape[2:])
     if len(shape) != 2:
@@ -179,13 +180,12 @@ def fit_gaussians(fixed, moving, count: int, sigma_max: float, tv_weight: float,
 
     raws = []
     for _ in range(count):
-        base = field(raws).detach().requires_grad_(True)
-        gradient, = torch.autograd.grad(losses.mse(fixed, warp(moving, base)), base)
-        bump = gaussian_smooth(gradient, 0.5 * sigma_max * shape[0] / 2)  # a mid-width Gaussian's first-order gain
+        # the network's own gradient input: a mid-width Gaussian's first-order gain, and which way it points
+        bump = downhill_mse_gradient(fixed, moving, field(raws).detach(), 0.5 * sigma_max)
         i, j = divmod(int((bump ** 2).sum(1).flatten().argmax()), shape[1])
         raw = torch.zeros(1, 7)
         raw[0, 0:2] = torch.atanh(normalised_grid(shape)[0, :, i, j].clamp(-0.95, 0.95))  # the centre's convention
-        downhill = -bump[0, :, i, j]
+        downhill = bump[0, :, i, j]
         raw[0, 4:6] = torch.atanh(0.05 * downhill / (downhill.norm() + 1e-12))
         raw.requires_grad_(True)
         fitted([r.detach() for r in raws] + [raw], [raw], greedy_iterations, 0.05)

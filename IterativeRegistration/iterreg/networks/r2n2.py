@@ -237,6 +237,23 @@ class R2N2State:
     moving_warped: torch.Tensor = None  # M o f_{t-1}, the image this step saw
 
 
+
+def downhill_mse_gradient(fixed: torch.Tensor, moving: torch.Tensor, u: torch.Tensor, width: float) -> torch.Tensor:
+    """-grad_u of the MSE at ``u``, smoothed by a Gaussian of ``width`` (normalised units, as sigma_max) and scaled
+    so that its longest vector has length 1 per sample; detached. To first order, a Gaussian of that width placed
+    at x lowers the loss by this map's length there, so it says where the next Gaussian helps most and which way
+    its weight should point."""
+    with torch.enable_grad():
+        point = u.detach().requires_grad_(True)
+        # border padding: with zeros, an image that is not zero at its edge gets a cliff there, whose slope
+        # would make the edge look like the place where the loss falls fastest
+        (gradient,) = torch.autograd.grad(losses.mse(fixed, warp(moving, point, padding_mode="border")), point)
+    shape = fixed.shape[2:]
+    voxels = normalised_to_voxels(torch.full((len(shape),), width), shape)  # per axis
+    gradient = gaussian_smooth(gradient, voxels.tolist())
+    longest = gradient.norm(dim=1, keepdim=True).flatten(1).amax(1).clamp_min(1e-12)
+    return -gradient / longest.reshape(-1, *([1] * (gradient.dim() - 1)))
+
 class R2N2Network(nn.Module):
     def __init__(self, config: R2N2Config):
         super().__init__()
@@ -285,18 +302,8 @@ class R2N2Network(nn.Module):
             yield R2N2State(u, local, profile, gaussian, weights, attentions, warped)
 
     def similarity_gradient(self, fixed: torch.Tensor, moving: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """grad_u of the MSE at ``u``, smoothed by a Gaussian of half sigma_max (in voxels of each axis) and scaled
-        so that its longest vector has length 1 per sample; detached."""
-        with torch.enable_grad():
-            point = u.detach().requires_grad_(True)
-            # border padding: with zeros, an image that is not zero at its edge gets a cliff there, whose slope
-            # would make the edge look like the place where the loss falls fastest
-            (gradient,) = torch.autograd.grad(losses.mse(fixed, warp(moving, point, padding_mode="border")), point)
-        shape = fixed.shape[2:]
-        width = normalised_to_voxels(torch.full((len(shape),), 0.5 * self.config.sigma_max), shape)  # per axis
-        gradient = gaussian_smooth(gradient, width.tolist())
-        longest = gradient.norm(dim=1, keepdim=True).flatten(1).amax(1).clamp_min(1e-12)
-        return -gradient / longest.reshape(-1, *([1] * (gradient.dim() - 1)))  # downhill
+        """The network's gradient input: ``downhill_mse_gradient`` smoothed by half sigma_max."""
+        return downhill_mse_gradient(fixed, moving, u, 0.5 * self.config.sigma_max)
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor, steps: int | None = None) -> list[torch.Tensor]:
         """Training: every step's displacement on the working grid (the caller upsamples)."""

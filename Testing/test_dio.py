@@ -176,6 +176,42 @@ def test_the_method_refines_a_previous_result_with_landmark_prompts(dio):
     assert float((refined[0].displacement - first).abs().mean()) < 0.3 < float(first.abs().mean())  # from there
 
 
+def test_features_of_a_moving_image_on_its_own_grid_are_carried_onto_the_fixed_grid(dio):
+    """Paper §3.1: each image's features alone, so the moving image may stay on the grid it was acquired on."""
+    from iterreg.imaging import MovingOnOwnGrid
+    fixed, moving = pair(2)
+    options = {"iterations": [10, 10, 5]}
+    plain = list(get_method("dio").create(dio, options=options).run(fixed, moving))[-1].displacement
+    on_own = get_method("dio").create(dio, options={**options, "features_on_own_grid": True})
+    same_grid = MovingOnOwnGrid(moving, np.eye(3))  # its own grid is the fixed grid: carrying changes nothing
+    carried = list(on_own.run(fixed, moving, moving_own_grid=same_grid))[-1].displacement
+    torch.testing.assert_close(carried, plain, atol=1e-4, rtol=0)
+    every_other_column = MovingOnOwnGrid(moving[..., ::2], np.diag([1.0, 0.5, 1.0]))  # acquired 2x coarser
+    coarse = list(on_own.run(fixed, moving, moving_own_grid=every_other_column))[-1].displacement
+    assert torch.isfinite(coarse).all() and not torch.allclose(coarse, plain, atol=1e-3)
+    default = get_method("dio").create(dio, options=options)  # off by default: the resampled copy is used
+    torch.testing.assert_close(list(default.run(fixed, moving, moving_own_grid=every_other_column))[-1]
+                               .displacement, plain)
+
+
+def test_a_prepared_pair_hands_dio_the_moving_image_on_its_own_grid(dio):
+    import SimpleITK as sitk
+
+    from iterreg.imaging import prepare_pair
+    fixed, moving = pair(2)
+    fixed_image = sitk.GetImageFromArray(fixed[0, 0].numpy())
+    coarse = sitk.GetImageFromArray(moving[0, 0, :, ::2].numpy())  # every other column: acquired 2x coarser
+    coarse.SetSpacing((2.0, 1.0))
+    prepared = prepare_pair(fixed_image, coarse)
+    options = {"iterations": [10, 10, 5]}
+    resampled = list(get_method("dio").create(dio, options=options).run_pair(prepared))[-1].displacement
+    own = get_method("dio").create(dio, options={**options, "features_on_own_grid": True})
+    on_own_grid = list(own.run_pair(prepared))[-1].displacement
+    assert not torch.allclose(on_own_grid, resampled, atol=1e-3)
+    expected = own.run(prepared.fixed, prepared.moving, moving_own_grid=prepared.moving_own_grid)
+    torch.testing.assert_close(on_own_grid, list(expected)[-1].displacement)
+
+
 @pytest.mark.parametrize("fixed_points, moving_points, message", [
     ([[10.0, 10.0]], [[10.0, float("nan")]], "non-finite"),
     ([[10.0, 10.0], [12.0, 12.0]], [[10.0, 10.0]], "paired points"),

@@ -120,3 +120,26 @@ def test_ras_vectors_written_into_a_float32_buffer_match_the_lps_definition():
     buffer = np.empty((*geometry.array_shape, 3), np.float32)
     assert geometry.displacement_voxels_to_ras(u, out=buffer) is buffer
     np.testing.assert_allclose(buffer, expected, atol=1e-5)
+
+
+def test_the_moving_image_on_its_own_grid_read_through_its_index_map_is_the_resampled_moving():
+    """prepare_pair keeps a moving image on another grid as it is, with the map from fixed voxels to its voxels
+    (for DIO's features on the moving grid); read through that map it is the moving image on the fixed grid."""
+    from iterreg.spatial import sample_through_index_map
+    fixed = random_image(OBLIQUE_3D, 4)
+    moving_geometry = Geometry((24, 26, 9), (1.0, 1.2, 3.0), (-2.0, -40.0, -12.0),
+                               tuple(rotation(0.05, 0.1, -0.2).ravel()))
+    moving = random_image(moving_geometry, 5)
+    pair = prepare_pair(fixed, moving)
+    own = pair.moving_own_grid
+    assert own.image.shape == (1, 1, *moving_geometry.array_shape)
+    index_map = torch.as_tensor(own.fixed_to_own_index)
+    raw = torch.from_numpy(sitk.GetArrayFromImage(moving))[None, None]  # raw: clipping is not linear
+    carried = sample_through_index_map(raw, index_map, OBLIQUE_3D.array_shape)
+    points = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in OBLIQUE_3D.array_shape],
+                                        indexing="ij")).reshape(3, -1)
+    mapped = index_map[:3, :3] @ points + index_map[:3, 3:]
+    inside = ((mapped >= 0) & (mapped <= torch.tensor(moving_geometry.array_shape)[:, None] - 1)).all(0)
+    assert int(inside.sum()) > 500  # the grids overlap enough for the comparison to mean something
+    np.testing.assert_allclose(carried.flatten()[inside], pair.moving_raw_on_fixed.flatten()[inside], atol=1e-5)
+    assert prepare_pair(fixed, random_image(OBLIQUE_3D, 6)).moving_own_grid is None  # one grid: nothing kept

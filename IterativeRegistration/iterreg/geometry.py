@@ -116,6 +116,15 @@ class Geometry:
         flip[:self.ndim, :self.ndim] = _lps_ras_flip(self.ndim)
         return flip @ self.index_to_lps_matrix()
 
+    def array_index_map_to(self, other: "Geometry") -> np.ndarray:
+        """Homogeneous ``[ndim + 1, ndim + 1]`` matrix taking array-order voxel positions (k, j, i) of this grid to
+        the array-order voxel positions of the same physical points on ``other``'s grid."""
+        nd = self.ndim
+        reverse = np.eye(nd + 1)
+        reverse[:nd, :nd] = np.eye(nd)[::-1]  # array order <-> ITK index order (its own inverse)
+        itk = np.linalg.solve(other.index_to_lps_matrix(), self.index_to_lps_matrix())
+        return reverse @ itk @ reverse
+
     # --- points -------------------------------------------------------------------------------------
     def array_index_to_lps(self, points: np.ndarray) -> np.ndarray:
         """``[N, ndim]`` array-order voxel coordinates (k, j, i) -> LPS mm."""

@@ -19,7 +19,7 @@ from .errors import InputError
 from .geometry import Geometry
 
 __all__ = ["read_image", "read_image_size", "write_image_atomic", "validate_image", "validate_pair_overlap",
-           "resample_onto", "normalise_intensity", "RegistrationPair", "prepare_pair", "resample_through_field",
+           "resample_onto", "normalise_intensity", "MovingOnOwnGrid", "RegistrationPair", "prepare_pair", "resample_through_field",
            "check_label_geometry"]
 
 READABLE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -135,6 +135,18 @@ def normalise_intensity(array: np.ndarray, percentiles=(1.0, 99.0)) -> tuple[np.
 
 
 @dataclass
+class MovingOnOwnGrid:
+    """The moving image on the grid it was acquired on, for a method that extracts its features there (DIO: fixed
+    and moving may differ in size and voxel spacing) instead of on the resampled copy."""
+    image: torch.Tensor  # [1, 1, *its array shape], intensities scaled with the pair's moving record
+    fixed_to_own_index: np.ndarray  # homogeneous: fixed-grid voxel (array order) -> voxel of this grid
+
+    def to(self, device) -> "MovingOnOwnGrid":
+        self.image = self.image.to(device)
+        return self
+
+
+@dataclass
 class RegistrationPair:
     """A fixed/moving pair ready for a method: tensors ``[1, 1, *spatial]`` on the fixed grid, in [0, 1]."""
     fixed: torch.Tensor
@@ -146,6 +158,7 @@ class RegistrationPair:
     overlap_fraction: float = 1.0
     notes: list[str] = field(default_factory=list)
     moving_image: sitk.Image | None = None  # the original, for resampling the result in one interpolation
+    moving_own_grid: MovingOnOwnGrid | None = None  # set when the moving image is on another grid
 
     @property
     def ndim(self) -> int:
@@ -154,6 +167,8 @@ class RegistrationPair:
     def to(self, device) -> "RegistrationPair":
         self.fixed = self.fixed.to(device)
         self.moving = self.moving.to(device)
+        if self.moving_own_grid is not None:
+            self.moving_own_grid.to(device)
         return self
 
 
@@ -181,14 +196,19 @@ def prepare_pair(fixed: sitk.Image, moving: sitk.Image) -> RegistrationPair:
     moving_arr = sitk.GetArrayFromImage(moving_on_fixed)
     fixed_norm, fixed_rec = normalise_intensity(fixed_arr)
     moving_norm, moving_rec = normalise_intensity(moving_arr)
-    notes = []
+    notes, own_grid = [], None
     if not Geometry.of(moving).same_grid(geometry):
         notes.append("moving image resampled onto the fixed grid (linear, physical space)")
+        own = sitk.GetArrayFromImage(sitk.Cast(moving, sitk.sitkFloat32))
+        own = (np.clip(own, moving_rec.low, moving_rec.high) - moving_rec.low) / (moving_rec.high - moving_rec.low)
+        own_grid = MovingOnOwnGrid(torch.from_numpy(own.astype(np.float32))[None, None],
+                                   geometry.array_index_map_to(Geometry.of(moving)))
     return RegistrationPair(
         fixed=torch.from_numpy(fixed_norm)[None, None],
         moving=torch.from_numpy(moving_norm)[None, None],
         geometry=geometry, moving_raw_on_fixed=moving_arr, fixed_intensity=fixed_rec,
-        moving_intensity=moving_rec, overlap_fraction=overlap, notes=notes, moving_image=moving)
+        moving_intensity=moving_rec, overlap_fraction=overlap, notes=notes, moving_image=moving,
+        moving_own_grid=own_grid)
 
 
 def check_label_geometry(labels: sitk.Image, image: sitk.Image, role: str) -> None:

@@ -174,8 +174,7 @@ def _run_and_save(request, method, pair, evaluation, steps, prompts, staging: Pa
     start = time.perf_counter()
     last: Step | None = None
     bar = tqdm(total=steps, desc=request.method, unit="step", disable=not progress, leave=False)
-    start_field = None if init is None else init.to(method.device)
-    run = method.run(pair.fixed.to(method.device), pair.moving.to(method.device), steps, prompts, start_field)
+    run = method.run_pair(pair, steps, prompts, init)
     for step in finite_steps(method, run):
         last = step
         records.append({"step": step.index, "phase": step.phase, "elapsed_s": time.perf_counter() - start,

@@ -40,6 +40,8 @@ __all__ = [
     "gaussian_smooth",
     "sample_displacement_at",
     "vector_length",
+    "grid_rescaling",
+    "sample_through_index_map",
 ]
 
 
@@ -199,6 +201,24 @@ def rescale_voxel_points(points: torch.Tensor, old_shape: Sequence[int], new_sha
     over the same field of view (corner voxel centres fixed, as :func:`resize_displacement`)."""
     factors = torch.tensor([(n - 1) / max(o - 1, 1) for n, o in zip(new_shape, old_shape)], dtype=points.dtype)
     return points * factors.to(points.device)
+
+
+def grid_rescaling(old_shape: Sequence[int], new_shape: Sequence[int]) -> torch.Tensor:
+    """Homogeneous ``[ndim + 1, ndim + 1]`` matrix taking voxel positions on a grid of ``old_shape`` to the same
+    positions on a grid of ``new_shape`` over the same field of view (as :func:`rescale_voxel_points`)."""
+    factors = [(n - 1) / max(o - 1, 1) for n, o in zip(new_shape, old_shape)]
+    return torch.diag(torch.tensor([*factors, 1.0], dtype=torch.float64))
+
+
+def sample_through_index_map(image: torch.Tensor, index_map: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """``image`` ``[B, C, *own]`` read on another grid of ``shape``: voxel ``p`` (array order) of the new grid
+    takes the value at ``index_map @ [p, 1]`` of ``image``'s grid (linear; zero outside it). ``index_map`` is a
+    homogeneous ``[ndim + 1, ndim + 1]`` matrix, e.g. :meth:`iterreg.geometry.Geometry.array_index_map_to`."""
+    nd = len(shape)
+    m = torch.as_tensor(index_map, dtype=image.dtype, device=image.device)
+    points = identity_grid(shape, device=image.device, dtype=image.dtype)
+    mapped = torch.einsum("ij,bj...->bi...", m[:nd, :nd], points) + m[:nd, nd].view(1, nd, *([1] * nd))
+    return _sample(image, mapped, "bilinear", "zeros")
 
 
 def rescale_spacing(spacing: Sequence[float], old_shape: Sequence[int], new_shape: Sequence[int]) -> list[float]:

@@ -222,8 +222,7 @@ def _run(job: Job, channel: EventChannel, control: Control, ring: Ring | None) -
             arrays["warped"] = warp(moving_raw, displacement.to(moving_raw.dtype))[0, 0].float().cpu().numpy()
         return arrays
 
-    generator = method.run(pair.fixed.to(device), pair.moving.to(device), steps, prompts,
-                           None if init is None else init.to(device))
+    generator = method.run_pair(pair, steps, prompts, init)
     last, count = None, 0
     try:
         for step in finite_steps(method, generator):

@@ -119,6 +119,8 @@ class RegistrationMethod(ABC):
     supported_ndims: ClassVar[tuple[int, ...]] = (2, 3)
     needs_checkpoint: ClassVar[bool] = False
     refines: ClassVar[bool] = False  # continues from a given field (init) with landmark prompts: "Refine"
+    # reads the moving image on its own grid when it differs from the fixed one (run's ``moving_own_grid``)
+    reads_moving_on_own_grid: ClassVar[bool] = False
     # Peak bytes a run adds per fixed-grid voxel (measured: Testing/benchmark_memory.py); the pre-flight memory
     # check (iterreg.memory_budget) uses it. Conservative for a method that has not been measured yet.
     memory_per_voxel: ClassVar[float] = 2000.0
@@ -185,6 +187,16 @@ class RegistrationMethod(ABC):
     def run(self, fixed: torch.Tensor, moving: torch.Tensor, steps: int | None = None,
             prompts: Prompts | None = None, init: torch.Tensor | None = None) -> Iterator[Step]:
         """Yield one :class:`Step` per iteration; the last one has ``final=True``."""
+
+    def run_pair(self, pair, steps: int | None = None, prompts: Prompts | None = None,
+                 init: torch.Tensor | None = None) -> Iterator[Step]:
+        """:meth:`run` on a prepared :class:`iterreg.imaging.RegistrationPair` on this method's device; a method
+        that ``reads_moving_on_own_grid`` also gets the moving image on its own grid when that differs."""
+        extra = {}
+        if self.reads_moving_on_own_grid and pair.moving_own_grid is not None:
+            extra["moving_own_grid"] = pair.moving_own_grid.to(self.device)
+        return self.run(pair.fixed.to(self.device), pair.moving.to(self.device), steps, prompts,
+                        None if init is None else init.to(self.device), **extra)
 
 
 MONITOR_VOXELS = 64 ** 3  # per-step metrics are computed on a grid of at most this many voxels

@@ -11,7 +11,9 @@ channels ``fixed_features`` and ``warped_moving_features`` (the scale's feature 
 Options chosen per run, on the same checkpoint (paper §4.4): ``representation`` free-form, diffeomorphic
 (compositive) or svf (stationary velocity, scaling and squaring). A run given a starting field (``init``, a
 refinement) optimises a correction on top of it at ``refine_scales`` only, so prompts refine the previous
-result instead of starting again.
+result instead of starting again. ``features_on_own_grid``: a moving image acquired on another grid (size,
+spacing, orientation) gets its features on that grid, carried onto the fixed grid in physical space, instead of
+from its copy resampled onto the fixed grid.
 """
 from __future__ import annotations
 
@@ -23,13 +25,13 @@ from typing import Iterator
 import torch
 
 from .base import Prompts, Step, standard_step_metrics
-from .learned import LearnedIterativeMethod, WorkingGrid, WorkingGridOptions
+from .learned import LearnedIterativeMethod, WorkingGrid, WorkingGridOptions, working_shape
 from ..errors import InputError
 from ..feature_optimizer import FieldPrompts, SolverSettings, combine, differentiable_steps, \
     optimise, to_displacement
 from ..networks.dio import DIOConfig, FeatureNetwork
-from ..spatial import rescale_spacing, rescale_voxel_points, rescale_voxel_vectors, resize_displacement, \
-    resize_image, spatial_ndim, vector_length, warp
+from ..spatial import grid_rescaling, rescale_spacing, rescale_voxel_points, rescale_voxel_vectors, \
+    resize_displacement, resize_image, sample_through_index_map, spatial_ndim, vector_length, warp
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,10 @@ class DIOOptions(WorkingGridOptions):
     label_weight: float = 1.0  # weight of the label prompt (1 - Dice) next to the feature loss
     refine_scales: tuple = (2,)  # scales a warm-started run (a refinement) optimises: the prompts' pull is
     # smooth (prompt_radius_mm), so the half-resolution grid carries it at an eighth of the cost (3D)
+    features_on_own_grid: bool = False  # a moving image on another grid: extract its features there and carry
+    # them onto the fixed grid (paper §3.1: each image alone, so they may differ in size and spacing). Off by
+    # default: with the bundled checkpoints (trained on isotropic grids) thick-slice moving images register worse
+    # this way than resampled first (Docs/benchmarks.md, 'dio-robustness')
 
     def solver_settings(self, iterations: tuple | None = None) -> SolverSettings:
         """The optimization layer's settings these options ask for (``iterations`` replaces the per-scale counts)."""
@@ -75,6 +81,7 @@ class DIOMethod(LearnedIterativeMethod):
     needs_checkpoint = True
     Options = DIOOptions
     refines = True
+    reads_moving_on_own_grid = True
     network_class, config_class = FeatureNetwork, DIOConfig
 
     @staticmethod
@@ -146,8 +153,28 @@ class DIOMethod(LearnedIterativeMethod):
                              "3 slices")
         return fitting
 
+    def _features_on_own_grid(self, moving_own_grid, grid: WorkingGrid, fixed_features) -> list[torch.Tensor]:
+        """The moving image's feature images computed on its own grid, brought down by the fixed image's working
+        scale, then read at the fixed feature grids' voxels (one linear interpolation of the features instead of
+        one of the image: the network sees thick slices as acquired, not interpolated ones)."""
+        own = moving_own_grid.image.to(self.device)
+        own_shape = tuple(own.shape[2:])
+        scale = max(w / n for w, n in zip(grid.shape, grid.image_shape))
+        own_w_shape = working_shape(own_shape, scale)
+        own_features = self.network(resize_image(own, own_w_shape))
+        fixed_to_own = torch.as_tensor(moving_own_grid.fixed_to_own_index, dtype=torch.float64)
+        carried = []
+        for fixed_k, own_k in zip(fixed_features, own_features):
+            # fixed feature voxel -> fixed image voxel -> moving image voxel -> moving feature voxel
+            index_map = (grid_rescaling(own_shape, own_k.shape[2:]) @ fixed_to_own
+                         @ grid_rescaling(fixed_k.shape[2:], grid.image_shape))
+            carried.append(sample_through_index_map(own_k, index_map, fixed_k.shape[2:]))
+        return carried
+
     def run(self, fixed, moving, steps=None, prompts: Prompts | None = None,
-            init: torch.Tensor | None = None) -> Iterator[Step]:
+            init: torch.Tensor | None = None, moving_own_grid=None) -> Iterator[Step]:
+        """``moving_own_grid`` (:class:`iterreg.imaging.MovingOnOwnGrid`, optional): the moving image on the grid
+        it was acquired on; with ``features_on_own_grid`` its features are extracted there."""
         steps = self.check_inputs(fixed, moving, steps)
         fixed, moving = fixed.to(self.device), moving.to(self.device)
         grid = WorkingGrid.for_images(fixed, self.network.config.working_scale,
@@ -172,7 +199,10 @@ class DIOMethod(LearnedIterativeMethod):
         fixed_w, moving_w = grid.image_down(fixed), grid.image_down(moving)
         with torch.no_grad():
             fixed_features = self.network(fixed_w)
-            moving_features = self.network(moving_w)
+            if moving_own_grid is not None and self.options.features_on_own_grid:
+                moving_features = self._features_on_own_grid(moving_own_grid, grid, fixed_features)
+            else:
+                moving_features = self.network(moving_w)
         keep = [all_scales.index(s) for s in scales]
         fixed_features = [fixed_features[k] for k in keep]
         moving_features = [moving_features[k] for k in keep]

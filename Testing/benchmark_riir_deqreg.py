@@ -166,8 +166,8 @@ def convergence(args) -> str:
 
 
 def working_grid(args) -> str:
-    """The learned methods iterate on a working grid (by default the size they were trained on). On larger
-    inputs, does a finer one (``working_size``) pay? Each input size is its own table."""
+    """The learned methods iterate on a working grid (by default the size they were trained on). What do a
+    coarser and a finer one (``working_size``) cost and give? Each input size is its own table."""
     import time
 
     import torch
@@ -181,8 +181,11 @@ def working_grid(args) -> str:
         list(get_method("riir").create().run(held_out[0][1].fixed, held_out[0][1].moving))  # warm-up, untimed
         rows = []
         for name in ("riir", "deqreg", "iirp"):
+            trained = get_method(name).create().trained_working_size
+            # another grid only where it differs from the default and is not finer than the input
+            others = [w for w in args.working_sizes if w != min(trained, size) and w <= size]
             reference_time = None
-            for working_size in (None, args.working_size):
+            for working_size in (None, *others):
                 method = get_method(name).create(options={} if working_size is None else {"working_size": working_size})
                 scores = []
                 for _, pair, evaluation, _ in held_out:
@@ -194,7 +197,7 @@ def working_grid(args) -> str:
                                    elapsed))
                 dice, tre, folding, seconds = np.mean(scores, axis=0)
                 reference_time = reference_time or seconds
-                grid = (f"{method.trained_working_size} (trained, default)" if working_size is None
+                grid = (f"{min(trained, size)} (trained, default)" if working_size is None
                         else f"{working_size} (option)")
                 rows.append([name, grid, f"{dice:.3f}", f"{tre:.2f}", f"{folding:.3f}",
                              f"{seconds / reference_time:.2f}"])
@@ -204,13 +207,13 @@ def working_grid(args) -> str:
                    ""]
     sizes = " ".join(map(str, args.sizes))
     return "\n".join([
-        "## Learned methods: the trained working grid vs a finer one", "",
+        "## Learned methods: the trained working grid vs a coarser or finer one", "",
         f"Run {date.today().isoformat()} on {machine()}, by `Testing/benchmark_riir_deqreg.py working-grid --sizes "
-        f"{sizes} --pairs {args.pairs} --working-size {args.working_size}`. Bundled 3D checkpoints; held-out "
-        f"generated pairs (seeds {args.first_seed}-{args.first_seed + args.pairs - 1}); mean over pairs. By default "
-        "each checkpoint iterates on the working grid it was trained on (its longest side is shown); the option "
-        "`working_size` runs the same checkpoint on another grid. Times are ratios to the same method's default "
-        "in this run (CPU, 2 threads).", "", *tables])
+        f"{sizes} --pairs {args.pairs} --working-sizes {' '.join(map(str, args.working_sizes))}`. Bundled 3D "
+        f"checkpoints; held-out generated pairs (seeds {args.first_seed}-{args.first_seed + args.pairs - 1}); mean "
+        "over pairs. By default each checkpoint iterates on the working grid it was trained on (its longest side "
+        "is shown; never finer than the input); the option `working_size` runs the same checkpoint on another "
+        "grid. Times are ratios to the same method's default in this run (CPU, 2 threads).", "", *tables])
 
 
 def main() -> int:
@@ -223,7 +226,8 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=200)
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="working-grid: input sizes")
-    parser.add_argument("--working-size", type=int, default=64, help="working-grid: the finer grid to try")
+    parser.add_argument("--working-sizes", type=int, nargs="+", default=[32, 128],
+                        help="working-grid: the other grids to try (longest side)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     body = {"memory": memory, "convergence": convergence, "working-grid": working_grid}[args.benchmark](args)

@@ -3,6 +3,8 @@
 Everything a method sees goes through :func:`prepare_pair`: the moving image resampled onto the fixed grid
 in physical space (SimpleITK, honouring origin, spacing and direction) and both intensities clipped to their
 (1, 99) percentiles and scaled to [0, 1] (DESIGN.md §3). The record of what was done travels with the pair.
+A moving image on another grid is also kept as acquired (``MovingOnOwnGrid``), for a method that reads it
+there (DIO's ``features_on_own_grid``).
 """
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ from .errors import InputError
 from .geometry import Geometry
 
 __all__ = ["read_image", "read_image_size", "write_image_atomic", "validate_image", "validate_pair_overlap",
-           "resample_onto", "normalise_intensity", "MovingOnOwnGrid", "RegistrationPair", "prepare_pair", "resample_through_field",
-           "check_label_geometry"]
+           "resample_onto", "normalise_intensity", "MovingOnOwnGrid", "RegistrationPair", "prepare_pair",
+           "resample_through_field", "check_label_geometry"]
 
 READABLE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 

@@ -237,7 +237,6 @@ class R2N2State:
     moving_warped: torch.Tensor = None  # M o f_{t-1}, the image this step saw
 
 
-
 def downhill_mse_gradient(fixed: torch.Tensor, moving: torch.Tensor, u: torch.Tensor, width: float) -> torch.Tensor:
     """-grad_u of the MSE at ``u``, smoothed by a Gaussian of ``width`` (normalised units, as sigma_max) and scaled
     so that its longest vector has length 1 per sample; detached. To first order, a Gaussian of that width placed
@@ -253,6 +252,7 @@ def downhill_mse_gradient(fixed: torch.Tensor, moving: torch.Tensor, u: torch.Te
     gradient = gaussian_smooth(gradient, voxels.tolist())
     longest = gradient.norm(dim=1, keepdim=True).flatten(1).amax(1).clamp_min(1e-12)
     return -gradient / longest.reshape(-1, *([1] * (gradient.dim() - 1)))
+
 
 class R2N2Network(nn.Module):
     def __init__(self, config: R2N2Config):

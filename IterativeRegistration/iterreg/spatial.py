@@ -186,28 +186,32 @@ def resize_displacement(displacement: torch.Tensor, shape: Sequence[int]) -> tor
     return rescale_voxel_vectors(resized, old, shape)
 
 
+def _corner_aligned_factors(old_shape: Sequence[int], new_shape: Sequence[int]) -> list[float]:
+    """Per axis, how many voxels of a grid of ``new_shape`` one voxel of ``old_shape`` spans over the same field of
+    view (corner voxel centres fixed: ``(new - 1) / (old - 1)``)."""
+    return [(n - 1) / max(o - 1, 1) for n, o in zip(new_shape, old_shape)]
+
+
 def rescale_voxel_vectors(vectors: torch.Tensor, old_shape: Sequence[int], new_shape: Sequence[int]) -> torch.Tensor:
     """Express ``[B, ndim, ...]`` vectors given in voxels of a grid of ``old_shape`` in voxels of a grid of
     ``new_shape`` over the same field of view (corner-aligned: one old voxel along axis c is
     ``(new_c - 1) / (old_c - 1)`` new voxels)."""
     nd = len(old_shape)
-    factors = torch.tensor([(n - 1) / max(o - 1, 1) for n, o in zip(new_shape, old_shape)],
-                           device=vectors.device, dtype=vectors.dtype)
+    factors = torch.tensor(_corner_aligned_factors(old_shape, new_shape), device=vectors.device, dtype=vectors.dtype)
     return vectors * factors.view(1, nd, *([1] * (vectors.dim() - 2)))
 
 
 def rescale_voxel_points(points: torch.Tensor, old_shape: Sequence[int], new_shape: Sequence[int]) -> torch.Tensor:
     """``[N, ndim]`` voxel positions on a grid of ``old_shape`` -> the same positions on a grid of ``new_shape``
     over the same field of view (corner voxel centres fixed, as :func:`resize_displacement`)."""
-    factors = torch.tensor([(n - 1) / max(o - 1, 1) for n, o in zip(new_shape, old_shape)], dtype=points.dtype)
+    factors = torch.tensor(_corner_aligned_factors(old_shape, new_shape), dtype=points.dtype)
     return points * factors.to(points.device)
 
 
 def grid_rescaling(old_shape: Sequence[int], new_shape: Sequence[int]) -> torch.Tensor:
     """Homogeneous ``[ndim + 1, ndim + 1]`` matrix taking voxel positions on a grid of ``old_shape`` to the same
     positions on a grid of ``new_shape`` over the same field of view (as :func:`rescale_voxel_points`)."""
-    factors = [(n - 1) / max(o - 1, 1) for n, o in zip(new_shape, old_shape)]
-    return torch.diag(torch.tensor([*factors, 1.0], dtype=torch.float64))
+    return torch.diag(torch.tensor([*_corner_aligned_factors(old_shape, new_shape), 1.0], dtype=torch.float64))
 
 
 def sample_through_index_map(image: torch.Tensor, index_map: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

@@ -126,29 +126,12 @@ def smoothing(args) -> str:
 
 
 # --- robustness to another grid -----------------------------------------------------------------------------
-def _regridded(image, spacing_factors, labels=False):
-    """The same anatomy sampled on another grid: spacing multiplied per axis, same physical extent."""
-    import SimpleITK as sitk
-    spacing = [s * f for s, f in zip(image.GetSpacing(), spacing_factors)]
-    size = [max(2, int(round(n / f))) for n, f in zip(image.GetSize(), spacing_factors)]
-    if not labels:  # thick slices average their content, as a scanner does
-        sigma = [0.4 * s * (f - 1) for s, f in zip(image.GetSpacing(), spacing_factors)]
-        image = sitk.SmoothingRecursiveGaussian(image, [max(x, 1e-3) for x in sigma])
-    resampler = sitk.ResampleImageFilter()
-    resampler.SetOutputSpacing(spacing)
-    resampler.SetSize(size)
-    resampler.SetOutputOrigin(image.GetOrigin())
-    resampler.SetOutputDirection(image.GetDirection())
-    resampler.SetInterpolator(sitk.sitkNearestNeighbor if labels else sitk.sitkLinear)
-    return resampler.Execute(image)
-
-
 def robustness(args) -> str:
     import torch
 
     from iterreg.imaging import prepare_pair
     from iterreg.methods import get_method
-    from iterreg.sample_data import make_pair
+    from iterreg.sample_data import make_pair, on_coarser_grid
     torch.set_num_threads(2)
     variants = [("same grid (64^3)", (1, 1, 1)), ("moving: 3x thicker slices", (1, 1, 3)),
                 ("moving: 2x coarser in-plane, 3x thicker slices", (2, 2, 3))]
@@ -161,7 +144,7 @@ def robustness(args) -> str:
         results = {name: [] for name, _, _ in methods}
         for k in range(args.pairs):
             sample = make_pair(args.size, seed=args.first_seed + k)
-            moving = _regridded(sample.moving, factors)
+            moving = on_coarser_grid(sample.moving, factors)
             evaluation = evaluation_for(sample)  # scored against the original moving labels
             pair = prepare_pair(sample.fixed, moving)  # moving resampled onto the fixed grid, and kept as it was
             for name, method, _ in methods:

@@ -1,5 +1,6 @@
 """Sample data: real MNI anatomy deformed by known, reproducible, diffeomorphic fields."""
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 
@@ -73,3 +74,17 @@ def test_slice_pairs_and_series_are_2d():
     before = dice(labels0, labels2[0, 0].numpy())["mean"]
     after = dice(labels0, warp_labels(labels2, truth2)[0, 0].numpy())["mean"]
     assert after > before + 0.05
+
+
+def test_a_coarser_acquisition_keeps_the_anatomy_and_its_physical_extent(small_pair):
+    from iterreg.sample_data import on_coarser_grid
+    thick = on_coarser_grid(small_pair.moving, (1, 1, 3))
+    assert thick.GetSpacing()[2] == pytest.approx(3 * small_pair.moving.GetSpacing()[2])
+    assert thick.GetSize()[:2] == small_pair.moving.GetSize()[:2]
+    assert thick.GetSize()[2] == round(small_pair.moving.GetSize()[2] / 3)
+    assert thick.GetOrigin() == small_pair.moving.GetOrigin()
+    labels = on_coarser_grid(small_pair.moving_labels, (2, 2, 3), labels=True)
+    assert set(np.unique(sitk.GetArrayFromImage(labels))) <= set(np.unique(
+        sitk.GetArrayFromImage(small_pair.moving_labels)))  # nearest neighbour: no new label values
+    with pytest.raises(ValueError, match="factors >= 1"):
+        on_coarser_grid(small_pair.moving, (1, 1, 0.5))

@@ -422,3 +422,61 @@ def test_r2n2_regularizes_only_the_final_field_once_as_in_its_paper():
     tv = float(losses.isotropic_tv(rough))
     mean_sim = 0.5 * (float(losses.mse(fixed, moving)) + float(losses.mse(fixed, warp(moving, rough))))
     assert float(final_rough) == pytest.approx(mean_sim + 0.5 * tv, rel=1e-5)
+
+
+# --- moving images on a coarser grid (DIO's features_on_own_grid) ---------------------------------------------
+def test_a_coarse_moving_copy_read_back_through_its_map_is_the_same_anatomy():
+    from iterreg.spatial import sample_through_index_map
+    from iterreg_train.coarse_moving import coarse_moving
+    z, y, x = torch.meshgrid(*[torch.arange(24.0)] * 3, indexing="ij")
+    smooth = (torch.sin(z / 5) + torch.cos(y / 7) + 0.05 * x)[None, None]  # nearly linear at the slab scale
+    own = coarse_moving(smooth, (1.0, 1.5, 1.5), (3.0, 2.0, 2.0))
+    assert tuple(own.image.shape[2:]) == (8, 12, 12)  # 3x thicker slices, 2x coarser in-plane, same extent
+    back = sample_through_index_map(own.image, torch.as_tensor(own.fixed_to_own_index), (24, 24, 24))
+    inside = (slice(None), slice(None), slice(2, 20), slice(2, 20), slice(2, 20))  # last coarse voxel: edge
+    assert float((back - smooth)[inside].abs().max()) < 0.1
+    shifted = sample_through_index_map(own.image, torch.as_tensor(own.fixed_to_own_index) @
+                                       torch.tensor([[1.0, 0, 0, 2], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]],
+                                                    dtype=torch.float64), (24, 24, 24))
+    assert float((shifted - smooth)[inside].abs().max()) > 0.2  # a wrong map would be seen
+
+
+def test_coarse_moving_pairs_are_drawn_as_configured_and_only_for_a_method_that_reads_them():
+    from iterreg_train.coarse_moving import CoarseMovingSettings
+    dio, vxm = get_method("dio"), get_method("voxelmorph")
+    config = {"coarse_moving": {"probability": 1.0, "slice_factors": [3], "in_plane_factors": [2]}}
+    settings = CoarseMovingSettings.from_config(config, dio)
+    rng = np.random.default_rng(0)
+    draws = {settings.draw(3, rng) for _ in range(30)}
+    assert draws == {(3.0, 2.0, 2.0), (2.0, 3.0, 2.0), (2.0, 2.0, 3.0)}  # any axis may be the slice axis
+    off = {"coarse_moving": {**config["coarse_moving"], "probability": 0.0}}
+    assert CoarseMovingSettings.from_config(off, vxm) is None and CoarseMovingSettings.from_config({}, vxm) is None
+    with pytest.raises(InputError, match="voxelmorph.*resamples"):
+        CoarseMovingSettings.from_config(config, vxm)
+    with pytest.raises(InputError, match="factors >= 1"):
+        CoarseMovingSettings.from_config({"coarse_moving": {**config["coarse_moving"], "slice_factors": [0.5]}}, dio)
+
+
+def test_dio_trains_on_coarse_moving_images_and_validates_on_both(tmp_path):
+    from iterreg_train.cli import main
+    out = tmp_path / "dio_coarse"
+    code = main(["train", "--method", "dio", "--data", "synthetic", "--out", str(out), "--iterations", "2",
+                 "--set", "data.shape=[32,32]", "--set", "data.synthetic_subjects=4", "--set", "data.validation_pairs=1",
+                 "--set", "training.validate_every=2", "--set", "architecture.train_iterations=[3,3,3]",
+                 "--set", "data.coarse_moving.probability=1.0", "--threads", "1", "--quiet"])
+    assert code == 0
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert {"dice", "coarse_dice", "coarse_tre_mm"} <= set(history[-1])
+
+
+def test_dio_learns_from_features_extracted_on_the_moving_images_own_grid():
+    from iterreg_train.coarse_moving import coarse_moving
+    dio = get_method("dio")
+    network = dio.build_network({**dio.default_architecture(2), "train_iterations": [3, 3, 3]})
+    fixed, moving = torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32)
+    own = coarse_moving(moving, (1.0, 1.0), (3.0, 1.0))
+    on_own = dio.predict(network, fixed, moving, moving_own_grid=own)  # the optimum of every scale
+    resampled = dio.predict(network, fixed, moving)
+    assert not torch.allclose(on_own[-1], resampled[-1])  # the own grid's features were used
+    sum(u.square().sum() for u in on_own).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in network.parameters() if p.requires_grad)

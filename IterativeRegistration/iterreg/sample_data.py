@@ -32,8 +32,8 @@ from .landmarks import read_landmarks, write_markups_json
 from .spatial import (compose, gaussian_smooth, integrate_velocity, sample_displacement_at,
                       warp, warp_labels)
 
-__all__ = ["mni_template", "make_pair", "deformed_template", "make_slice_pair", "make_series", "SamplePair", "write_pair",
-           "read_pair", "LABEL_NAMES", "SOURCE"]
+__all__ = ["mni_template", "make_pair", "deformed_template", "make_slice_pair", "make_series", "on_coarser_grid",
+           "SamplePair", "write_pair", "read_pair", "LABEL_NAMES", "SOURCE"]
 
 LABEL_NAMES = {1: "CSF/other brain", 2: "grey matter", 3: "white matter"}
 SOURCE = ("MNI ICBM152 2009a nonlinear symmetric template (T1, GM and WM probability maps) as shipped in the "
@@ -228,6 +228,22 @@ def deformed_template(size: int = 64, seed: int = 0, magnitude_mm: float = 6.0,
     if intensity_change:
         image, _ = _intensity_change(image, generator)
     return image, warp_labels(labels, phi), geometry
+
+
+def on_coarser_grid(image: sitk.Image, spacing_factors, labels: bool = False) -> sitk.Image:
+    """The same anatomy as a scanner with coarser voxels would acquire it: spacing multiplied per axis (ITK order,
+    e.g. ``(1, 1, 3)`` for 3x thicker slices), same origin, direction and physical extent. An image is smoothed
+    first (thick slices average their content); a label map is sampled nearest-neighbour."""
+    factors = [float(f) for f in spacing_factors]
+    if len(factors) != image.GetDimension() or min(factors) < 1:
+        raise ValueError(f"spacing_factors must be {image.GetDimension()} factors >= 1, got {list(spacing_factors)}")
+    spacing = [s * f for s, f in zip(image.GetSpacing(), factors)]
+    size = [max(2, int(round(n / f))) for n, f in zip(image.GetSize(), factors)]
+    if not labels:
+        sigma = [max(0.4 * s * (f - 1), 1e-3) for s, f in zip(image.GetSpacing(), factors)]
+        image = sitk.SmoothingRecursiveGaussian(image, sigma)
+    return sitk.Resample(image, size, sitk.Transform(), sitk.sitkNearestNeighbor if labels else sitk.sitkLinear,
+                         image.GetOrigin(), spacing, image.GetDirection(), 0.0, image.GetPixelID())
 
 
 def _axial_slice(size: int) -> tuple[torch.Tensor, torch.Tensor, Geometry]:

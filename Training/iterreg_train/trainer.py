@@ -30,6 +30,7 @@ from iterreg.methods import get_method
 from iterreg.metrics import dice
 from iterreg.spatial import sample_displacement_at, warp, warp_labels
 
+from .coarse_moving import CoarseMovingSettings, coarse_moving
 from .datasets import Pair, PairSource
 
 __all__ = ["train", "registration_loss", "Distributed"]
@@ -114,13 +115,27 @@ def _augment(pair: Pair, rng: np.random.Generator) -> Pair:
 
 
 @torch.no_grad()
-def validate(method_cls, network, pairs: list[Pair], loss_config: dict, device) -> dict:
+def validate(method_cls, network, pairs: list[Pair], loss_config: dict, device,
+             coarse: CoarseMovingSettings | None = None) -> dict:
+    """Mean similarity loss, Dice and TRE (mm) of the final displacement on the validation pairs; with ``coarse``
+    also ``coarse_*`` scores with each moving image re-acquired on a coarser grid."""
+    metrics = _validate(method_cls, network, pairs, loss_config, device, None)
+    if coarse is not None:
+        factors = coarse.validation_factors(pairs[0].fixed.dim() - 1)
+        metrics.update({f"coarse_{k}": v for k, v in
+                        _validate(method_cls, network, pairs, loss_config, device, factors).items()})
+    return metrics
+
+
+def _validate(method_cls, network, pairs, loss_config, device, coarse_factors) -> dict:
     network.eval()
     sim_kwargs = {"window": loss_config["window"]} if loss_config["similarity"] == "lncc" else {}
     scores = {"similarity": [], "dice": [], "tre_mm": []}
     for pair in pairs:
         fixed, moving = pair.fixed[None].to(device), pair.moving[None].to(device)
-        u = method_cls.predict(network, fixed, moving)[-1]
+        own = None if coarse_factors is None else {"moving_own_grid": coarse_moving(moving, pair.spacing,
+                                                                                    coarse_factors)}
+        u = method_cls.predict(network, fixed, moving, **(own or {}))[-1]
         scores["similarity"].append(float(losses.similarity_loss(loss_config["similarity"], fixed, warp(moving, u),
                                                                  **sim_kwargs)))
         if pair.fixed_labels is not None:
@@ -135,9 +150,10 @@ def validate(method_cls, network, pairs: list[Pair], loss_config: dict, device) 
 
 
 def _score(metrics: dict) -> float:
-    """Higher is better: Dice if there are labels, else minus TRE, else minus the similarity loss."""
+    """Higher is better: Dice if there are labels (the mean with the coarse-moving Dice when validated on both),
+    else minus TRE, else minus the similarity loss."""
     if "dice" in metrics:
-        return metrics["dice"]
+        return float(np.mean([metrics["dice"], metrics.get("coarse_dice", metrics["dice"])]))
     if "tre_mm" in metrics:
         return -metrics["tre_mm"]
     return -metrics["similarity"]
@@ -170,6 +186,7 @@ def train(config: dict, source: PairSource, out: str | Path, resume: bool = Fals
         raise InputError(f"method '{config['method']}' cannot be trained (it has no training hooks)")
     ndim = len(config["data"]["shape"])
     architecture = _architecture(method_cls, config, ndim)
+    coarse = CoarseMovingSettings.from_config(config["data"], method_cls)
     torch.manual_seed(t_cfg["seed"])  # identical initial weights on every rank
     random.seed(t_cfg["seed"])
     network = method_cls.build_network(architecture)
@@ -216,8 +233,11 @@ def train(config: dict, source: PairSource, out: str | Path, resume: bool = Fals
             pairs = [_augment(p, data_rng) for p in pairs]
         seen.append(pairs[0].name)
         batch = _batch(pairs, device_t)
+        factors = coarse.draw(ndim, data_rng) if coarse is not None else None
+        own = {} if factors is None else {"moving_own_grid": coarse_moving(batch["moving"], pairs[0].spacing,
+                                                                           factors)}
         with torch.autocast(device_t.type, dtype=torch.bfloat16, enabled=amp):
-            displacements = _predict(method_cls, model, batch["fixed"], batch["moving"])
+            displacements = _predict(method_cls, model, batch["fixed"], batch["moving"], **own)
         weights = loss_cfg.get("step_weights") or _method_step_weights(method_cls, network, len(displacements))
         loss, parts = registration_loss(batch["fixed"], batch["moving"], [u.float() for u in displacements], loss_cfg,
                                         batch["fixed_labels"], batch["moving_labels"], weights)
@@ -242,7 +262,7 @@ def train(config: dict, source: PairSource, out: str | Path, resume: bool = Fals
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
         if ddp.main and (done % t_cfg["validate_every"] == 0 or done == t_cfg["iterations"]):
-            metrics = validate(method_cls, network, validation, loss_cfg, device_t)
+            metrics = validate(method_cls, network, validation, loss_cfg, device_t, coarse)
             history.append({"iteration": done, **metrics})
             for key, value in metrics.items():
                 writer.add_scalar(f"validation/{key}", value, done)
@@ -303,10 +323,10 @@ def _method_step_weights(method_cls, network, count: int):
     return rule(network, count) if rule is not None else None
 
 
-def _predict(method_cls, model, fixed, moving):
+def _predict(method_cls, model, fixed, moving, **kwargs):
     # DDP must see the forward call on the wrapper for its gradient hooks; ``predict`` calls model(x).
-    return method_cls.predict(model, fixed, moving) if not hasattr(model, "module") else \
-        method_cls.predict(_DDPView(model), fixed, moving)
+    return method_cls.predict(model, fixed, moving, **kwargs) if not hasattr(model, "module") else \
+        method_cls.predict(_DDPView(model), fixed, moving, **kwargs)
 
 
 class _DDPView(torch.nn.Module):

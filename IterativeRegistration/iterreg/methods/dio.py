@@ -85,13 +85,17 @@ class DIOMethod(LearnedIterativeMethod):
     network_class, config_class = FeatureNetwork, DIOConfig
 
     @staticmethod
-    def predict(network, fixed: torch.Tensor, moving: torch.Tensor) -> list[torch.Tensor]:
+    def predict(network, fixed: torch.Tensor, moving: torch.Tensor, moving_own_grid=None) -> list[torch.Tensor]:
         """The optimum of every scale on the image grid, differentiable in the network's weights through
-        Jacobian-free backprop (the optimum itself is found without gradients)."""
+        Jacobian-free backprop (the optimum itself is found without gradients). With ``moving_own_grid`` the
+        moving features come from that grid (training for ``features_on_own_grid``)."""
         config = network.config
         grid = WorkingGrid.for_images(fixed, config.working_scale)
         fixed_features = network(grid.image_down(fixed))
-        moving_features = network(grid.image_down(moving))
+        if moving_own_grid is not None:
+            moving_features = features_from_own_grid(network, moving_own_grid, grid, fixed_features)
+        else:
+            moving_features = network(grid.image_down(moving))
         settings = SolverSettings(representation=config.train_representation,
                                   iterations=tuple(config.train_iterations))
         outputs = []
@@ -153,24 +157,6 @@ class DIOMethod(LearnedIterativeMethod):
                              "3 slices")
         return fitting
 
-    def _features_on_own_grid(self, moving_own_grid, grid: WorkingGrid, fixed_features) -> list[torch.Tensor]:
-        """The moving image's feature images computed on its own grid, brought down by the fixed image's working
-        scale, then read at the fixed feature grids' voxels (one linear interpolation of the features instead of
-        one of the image: the network sees thick slices as acquired, not interpolated ones)."""
-        own = moving_own_grid.image.to(self.device)
-        own_shape = tuple(own.shape[2:])
-        scale = max(w / n for w, n in zip(grid.shape, grid.image_shape))
-        own_w_shape = working_shape(own_shape, scale)
-        own_features = self.network(resize_image(own, own_w_shape))
-        fixed_to_own = torch.as_tensor(moving_own_grid.fixed_to_own_index, dtype=torch.float64)
-        carried = []
-        for fixed_k, own_k in zip(fixed_features, own_features):
-            # fixed feature voxel -> fixed image voxel -> moving image voxel -> moving feature voxel
-            index_map = (grid_rescaling(own_shape, own_k.shape[2:]) @ fixed_to_own
-                         @ grid_rescaling(fixed_k.shape[2:], grid.image_shape))
-            carried.append(sample_through_index_map(own_k, index_map, fixed_k.shape[2:]))
-        return carried
-
     def run(self, fixed, moving, steps=None, prompts: Prompts | None = None,
             init: torch.Tensor | None = None, moving_own_grid=None) -> Iterator[Step]:
         """``moving_own_grid`` (:class:`iterreg.imaging.MovingOnOwnGrid`, optional): the moving image on the grid
@@ -200,7 +186,8 @@ class DIOMethod(LearnedIterativeMethod):
         with torch.no_grad():
             fixed_features = self.network(fixed_w)
             if moving_own_grid is not None and self.options.features_on_own_grid:
-                moving_features = self._features_on_own_grid(moving_own_grid, grid, fixed_features)
+                moving_features = features_from_own_grid(self.network, moving_own_grid.to(self.device), grid,
+                                                         fixed_features)
             else:
                 moving_features = self.network(moving_w)
         keep = [all_scales.index(s) for s in scales]
@@ -246,6 +233,24 @@ class DIOMethod(LearnedIterativeMethod):
                             phase=phase, final=final)
             yield step
             previous, index = state.displacement, index + 1
+
+
+def features_from_own_grid(network, moving_own_grid, grid: WorkingGrid, fixed_features) -> list[torch.Tensor]:
+    """The moving image's feature images computed on its own grid (brought down by the fixed image's working scale),
+    then read at the fixed feature grids' voxels: one linear interpolation of the features instead of one of the
+    image, so the network sees thick slices as acquired, not interpolated ones (paper §3.1)."""
+    own = moving_own_grid.image
+    own_shape = tuple(own.shape[2:])
+    scale = max(w / n for w, n in zip(grid.shape, grid.image_shape))
+    own_features = network(resize_image(own, working_shape(own_shape, scale)))
+    fixed_to_own = torch.as_tensor(moving_own_grid.fixed_to_own_index, dtype=torch.float64)
+    carried = []
+    for fixed_k, own_k in zip(fixed_features, own_features):
+        # fixed feature voxel -> fixed image voxel -> moving image voxel -> moving feature voxel
+        index_map = (grid_rescaling(own_shape, own_k.shape[2:]) @ fixed_to_own
+                     @ grid_rescaling(fixed_k.shape[2:], grid.image_shape))
+        carried.append(sample_through_index_map(own_k, index_map, fixed_k.shape[2:]))
+    return carried
 
 
 def _warp_later(moving, displacement):

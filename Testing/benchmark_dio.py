@@ -137,8 +137,10 @@ def robustness(args) -> str:
                 ("moving: 2x coarser in-plane, 3x thicker slices", (2, 2, 3))]
     methods = _methods(3, args)
     dio_checkpoint = args.checkpoint or None
-    methods.append(("DIO freeform, moving features on its own grid", get_method("dio").create(
-        dio_checkpoint, ndim=3, options={"representation": "freeform", "features_on_own_grid": True}), None))
+    for voxels in ("working", "acquired"):
+        methods.append((f"DIO freeform, moving features on its own grid ({voxels} voxels)", get_method("dio").create(
+            dio_checkpoint, ndim=3, options={"representation": "freeform", "features_on_own_grid": True,
+                                             "own_grid_voxels": voxels}), None))
     rows = []
     for label, factors in variants:
         results = {name: [] for name, _, _ in methods}
@@ -161,10 +163,12 @@ def robustness(args) -> str:
         "re-sampled onto a coarser grid (thick slices averaged first, as acquired) while the fixed stays, and Dice "
         "/ TRE are scored against the original moving labels and landmarks. No method here is 'not applicable': "
         "the pipeline resamples every moving image onto the fixed grid before any method sees it (DESIGN.md §3), "
-        "so all of them run; what differs is how much accuracy they lose. The last row is DIO as its paper "
+        "so all of them run; what differs is how much accuracy they lose. The last two rows are DIO as its paper "
         "describes it (§3.1): the moving image's features extracted on its own (coarser) grid and carried onto the "
         "fixed grid in physical space (option `features_on_own_grid`; the other DIO rows extract them from the "
-        "resampled copy).", "",
+        "resampled copy), either after resampling it in its own frame to the fixed working grid's voxel size "
+        "(`own_grid_voxels` working, the paper's 'isotropic' setting) or on its voxels as acquired (the paper's "
+        "'anisotropic' setting).", "",
         markdown_table(["moving grid", *HEADER], rows)])
 
 

@@ -182,11 +182,13 @@ def test_features_of_a_moving_image_on_its_own_grid_are_carried_onto_the_fixed_g
     fixed, moving = pair(2)
     options = {"iterations": [10, 10, 5]}
     plain = list(get_method("dio").create(dio, options=options).run(fixed, moving))[-1].displacement
-    on_own = get_method("dio").create(dio, options={**options, "features_on_own_grid": True})
-    same_grid = MovingOnOwnGrid(moving, np.eye(3))  # its own grid is the fixed grid: carrying changes nothing
+    on_own = get_method("dio").create(dio, options={**options, "features_on_own_grid": True,
+                                                    "own_grid_voxels": "acquired"})
+    same_grid = MovingOnOwnGrid(moving, np.eye(3), (1.0, 1.0), (1.0, 1.0))  # the fixed grid: carrying changes nothing
     carried = list(on_own.run(fixed, moving, moving_own_grid=same_grid))[-1].displacement
     torch.testing.assert_close(carried, plain, atol=1e-4, rtol=0)
-    every_other_column = MovingOnOwnGrid(moving[..., ::2], np.diag([1.0, 0.5, 1.0]))  # acquired 2x coarser
+    # acquired 2x coarser along x:
+    every_other_column = MovingOnOwnGrid(moving[..., ::2], np.diag([1.0, 0.5, 1.0]), (1.0, 2.0), (1.0, 1.0))
     coarse = list(on_own.run(fixed, moving, moving_own_grid=every_other_column))[-1].displacement
     assert torch.isfinite(coarse).all() and not torch.allclose(coarse, plain, atol=1e-3)
     default = get_method("dio").create(dio, options=options)  # off by default: the resampled copy is used
@@ -205,11 +207,34 @@ def test_a_prepared_pair_hands_dio_the_moving_image_on_its_own_grid(dio):
     prepared = prepare_pair(fixed_image, coarse)
     options = {"iterations": [10, 10, 5]}
     resampled = list(get_method("dio").create(dio, options=options).run_pair(prepared))[-1].displacement
-    own = get_method("dio").create(dio, options={**options, "features_on_own_grid": True})
+    own = get_method("dio").create(dio, options={**options, "features_on_own_grid": True,
+                                                 "own_grid_voxels": "acquired"})
     on_own_grid = list(own.run_pair(prepared))[-1].displacement
     assert not torch.allclose(on_own_grid, resampled, atol=1e-3)
     expected = own.run(prepared.fixed, prepared.moving, moving_own_grid=prepared.moving_own_grid)
     torch.testing.assert_close(on_own_grid, list(expected)[-1].displacement)
+
+
+def test_a_coarse_moving_image_is_seen_on_its_own_grid_at_the_working_voxel_size(dio):
+    """A CNN's kernels count voxels, not mm: resampled in its own frame to the fixed working grid's voxel size (the
+    default), a 2x coarser moving image registers nearly as its copy resampled onto the fixed grid does; its voxels
+    as acquired show the network another scale."""
+    import SimpleITK as sitk
+
+    from iterreg.imaging import prepare_pair
+    fixed, moving = pair(2)
+    coarse = sitk.GetImageFromArray(moving[0, 0, :, ::2].numpy())
+    coarse.SetSpacing((2.0, 1.0))
+    prepared = prepare_pair(sitk.GetImageFromArray(fixed[0, 0].numpy()), coarse)
+
+    def result(**options):
+        method = get_method("dio").create(dio, options={"iterations": [10, 10, 5], **options})
+        return list(method.run_pair(prepared))[-1].displacement
+
+    resampled = result()
+    working = result(features_on_own_grid=True)
+    acquired = result(features_on_own_grid=True, own_grid_voxels="acquired")
+    assert float((working - resampled).abs().mean()) < 0.5 * float((acquired - resampled).abs().mean())
 
 
 @pytest.mark.parametrize("fixed_points, moving_points, message", [
@@ -227,6 +252,8 @@ def test_bad_prompts_are_refused_with_a_clear_message(dio, fixed_points, moving_
 def test_bad_options_are_refused(dio):
     with pytest.raises(InputError, match="unknown representation"):
         get_method("dio").create(dio, options={"representation": "bspline"})
+    with pytest.raises(InputError, match="own_grid_voxels must be 'working' or 'acquired'"):
+        get_method("dio").create(dio, options={"own_grid_voxels": "isotropic"})
     fixed, moving = pair(2)
     with pytest.raises(InputError, match="refine_scales"):
         next(get_method("dio").create(dio, options={"refine_scales": [3]}).run(

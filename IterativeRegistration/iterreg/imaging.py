@@ -142,6 +142,8 @@ class MovingOnOwnGrid:
     and moving may differ in size and voxel spacing) instead of on the resampled copy."""
     image: torch.Tensor  # [1, 1, *its array shape], intensities scaled with the pair's moving record
     fixed_to_own_index: np.ndarray  # homogeneous: fixed-grid voxel (array order) -> voxel of this grid
+    spacing: tuple[float, ...]  # mm per array axis of this grid
+    fixed_spacing: tuple[float, ...]  # mm per array axis of the fixed grid
 
     def to(self, device) -> "MovingOnOwnGrid":
         self.image = self.image.to(device)
@@ -204,7 +206,8 @@ def prepare_pair(fixed: sitk.Image, moving: sitk.Image) -> RegistrationPair:
         own = sitk.GetArrayFromImage(sitk.Cast(moving, sitk.sitkFloat32))
         own = (np.clip(own, moving_rec.low, moving_rec.high) - moving_rec.low) / (moving_rec.high - moving_rec.low)
         own_grid = MovingOnOwnGrid(torch.from_numpy(own.astype(np.float32))[None, None],
-                                   geometry.array_index_map_to(Geometry.of(moving)))
+                                   geometry.array_index_map_to(Geometry.of(moving)),
+                                   Geometry.of(moving).array_spacing, geometry.array_spacing)
     return RegistrationPair(
         fixed=torch.from_numpy(fixed_norm)[None, None],
         moving=torch.from_numpy(moving_norm)[None, None],

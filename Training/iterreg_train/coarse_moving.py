@@ -8,7 +8,8 @@ as :class:`iterreg.imaging.MovingOnOwnGrid`, exactly as ``prepare_pair`` hands o
 still reads the full-resolution moving image and its labels: they are the truth the coarse copy was made from.
 
 Config ``data.coarse_moving``: ``probability`` (share of training iterations; 0 = off), ``slice_factors`` (one
-random axis gets one of these spacing factors), ``in_plane_factors`` (the other axes share one of these).
+random axis gets one of these spacing factors), ``in_plane_factors`` (the other axes share one of these),
+``voxels`` (DIO's ``own_grid_voxels``: ``working`` or ``acquired``).
 Validation adds ``coarse_*`` scores on copies with the largest slice factor along the first array axis.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ class CoarseMovingSettings:
     probability: float
     slice_factors: tuple[float, ...]
     in_plane_factors: tuple[float, ...]
+    voxels: str = "working"  # DIO's own_grid_voxels: which voxels the network extracts the features on
 
     @classmethod
     def from_config(cls, data_config: dict, method_cls) -> "CoarseMovingSettings | None":
@@ -40,13 +42,15 @@ class CoarseMovingSettings:
         if not raw or float(raw.get("probability", 0)) == 0:
             return None
         settings = cls(float(raw["probability"]), tuple(float(f) for f in raw["slice_factors"]),
-                       tuple(float(f) for f in raw["in_plane_factors"]))
+                       tuple(float(f) for f in raw["in_plane_factors"]), str(raw.get("voxels", "working")))
         if not 0 < settings.probability <= 1:
             raise InputError(f"data.coarse_moving.probability must be within 0-1, got {settings.probability}")
         if not settings.slice_factors or not settings.in_plane_factors or \
                 min(settings.slice_factors + settings.in_plane_factors) < 1:
             raise InputError("data.coarse_moving.slice_factors and in_plane_factors must be non-empty lists of "
                              "factors >= 1")
+        if settings.voxels not in ("working", "acquired"):
+            raise InputError(f"data.coarse_moving.voxels must be 'working' or 'acquired', got {settings.voxels!r}")
         if not getattr(method_cls, "reads_moving_on_own_grid", False):
             raise InputError(f"data.coarse_moving is for methods that read the moving image on its own grid (dio); "
                              f"'{method_cls.name}' resamples it onto the fixed grid first: set its probability to 0")
@@ -77,4 +81,5 @@ def coarse_moving(moving: torch.Tensor, spacing, factors) -> MovingOnOwnGrid:
         image = on_coarser_grid(image, tuple(factors)[::-1])
         coarse = Geometry.of(image)
         coarse_images.append(torch.from_numpy(sitk.GetArrayFromImage(image))[None])
-    return MovingOnOwnGrid(torch.stack(coarse_images).to(moving.device), fine.array_index_map_to(coarse))
+    return MovingOnOwnGrid(torch.stack(coarse_images).to(moving.device), fine.array_index_map_to(coarse),
+                           coarse.array_spacing, fine.array_spacing)

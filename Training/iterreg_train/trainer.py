@@ -119,23 +119,23 @@ def validate(method_cls, network, pairs: list[Pair], loss_config: dict, device,
              coarse: CoarseMovingSettings | None = None) -> dict:
     """Mean similarity loss, Dice and TRE (mm) of the final displacement on the validation pairs; with ``coarse``
     also ``coarse_*`` scores with each moving image re-acquired on a coarser grid."""
-    metrics = _validate(method_cls, network, pairs, loss_config, device, None)
+    metrics = _validate(method_cls, network, pairs, loss_config, device, None, None)
     if coarse is not None:
         factors = coarse.validation_factors(pairs[0].fixed.dim() - 1)
         metrics.update({f"coarse_{k}": v for k, v in
-                        _validate(method_cls, network, pairs, loss_config, device, factors).items()})
+                        _validate(method_cls, network, pairs, loss_config, device, coarse, factors).items()})
     return metrics
 
 
-def _validate(method_cls, network, pairs, loss_config, device, coarse_factors) -> dict:
+def _validate(method_cls, network, pairs, loss_config, device, coarse, coarse_factors) -> dict:
     network.eval()
     sim_kwargs = {"window": loss_config["window"]} if loss_config["similarity"] == "lncc" else {}
     scores = {"similarity": [], "dice": [], "tre_mm": []}
     for pair in pairs:
         fixed, moving = pair.fixed[None].to(device), pair.moving[None].to(device)
-        own = None if coarse_factors is None else {"moving_own_grid": coarse_moving(moving, pair.spacing,
-                                                                                    coarse_factors)}
-        u = method_cls.predict(network, fixed, moving, **(own or {}))[-1]
+        own = {} if coarse_factors is None else {"moving_own_grid": coarse_moving(moving, pair.spacing, coarse_factors),
+                                                 "own_grid_voxels": coarse.voxels}
+        u = method_cls.predict(network, fixed, moving, **own)[-1]
         scores["similarity"].append(float(losses.similarity_loss(loss_config["similarity"], fixed, warp(moving, u),
                                                                  **sim_kwargs)))
         if pair.fixed_labels is not None:
@@ -234,8 +234,8 @@ def train(config: dict, source: PairSource, out: str | Path, resume: bool = Fals
         seen.append(pairs[0].name)
         batch = _batch(pairs, device_t)
         factors = coarse.draw(ndim, data_rng) if coarse is not None else None
-        own = {} if factors is None else {"moving_own_grid": coarse_moving(batch["moving"], pairs[0].spacing,
-                                                                           factors)}
+        own = {} if factors is None else {"moving_own_grid": coarse_moving(batch["moving"], pairs[0].spacing, factors),
+                                          "own_grid_voxels": coarse.voxels}
         with torch.autocast(device_t.type, dtype=torch.bfloat16, enabled=amp):
             displacements = _predict(method_cls, model, batch["fixed"], batch["moving"], **own)
         weights = loss_cfg.get("step_weights") or _method_step_weights(method_cls, network, len(displacements))

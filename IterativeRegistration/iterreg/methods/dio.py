@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import torch
@@ -49,9 +49,11 @@ class DIOOptions(WorkingGridOptions):
     refine_scales: tuple = (2,)  # scales a warm-started run (a refinement) optimises: the prompts' pull is
     # smooth (prompt_radius_mm), so the half-resolution grid carries it at an eighth of the cost (3D)
     features_on_own_grid: bool = False  # a moving image on another grid: extract its features there and carry
-    # them onto the fixed grid (paper §3.1: each image alone, so they may differ in size and spacing). Off by
-    # default: with the bundled checkpoints (trained on isotropic grids) thick-slice moving images register worse
-    # this way than resampled first (Docs/benchmarks.md, 'dio-robustness')
+    # them onto the fixed grid (paper §3.1: each image alone, so they may differ in size and spacing)
+    own_grid_voxels: str = "working"  # working: first resample it, in its own frame and field of view, to the
+    # voxel size of the fixed working grid (the paper's 'isotropic' setting: a CNN's kernels count voxels, not mm);
+    # acquired: extract on the voxels as acquired (the paper's 'anisotropic' setting; worse with our checkpoints,
+    # trained on isotropic grids: Docs/benchmarks.md, 'dio-robustness')
 
     def solver_settings(self, iterations: tuple | None = None) -> SolverSettings:
         """The optimization layer's settings these options ask for (``iterations`` replaces the per-scale counts)."""
@@ -68,6 +70,8 @@ class DIOOptions(WorkingGridOptions):
             raise InputError("prompt_weight and label_weight must be >= 0 and prompt_radius_mm > 0")
         if not self.refine_scales:
             raise InputError("refine_scales needs at least one feature scale")
+        if self.own_grid_voxels not in ("working", "acquired"):
+            raise InputError(f"own_grid_voxels must be 'working' or 'acquired', got {self.own_grid_voxels!r}")
 
 
 class DIOMethod(LearnedIterativeMethod):
@@ -85,15 +89,17 @@ class DIOMethod(LearnedIterativeMethod):
     network_class, config_class = FeatureNetwork, DIOConfig
 
     @staticmethod
-    def predict(network, fixed: torch.Tensor, moving: torch.Tensor, moving_own_grid=None) -> list[torch.Tensor]:
+    def predict(network, fixed: torch.Tensor, moving: torch.Tensor, moving_own_grid=None,
+                own_grid_voxels: str = "working") -> list[torch.Tensor]:
         """The optimum of every scale on the image grid, differentiable in the network's weights through
         Jacobian-free backprop (the optimum itself is found without gradients). With ``moving_own_grid`` the
-        moving features come from that grid (training for ``features_on_own_grid``)."""
+        moving features come from that grid, as with the options ``features_on_own_grid`` and
+        ``own_grid_voxels`` (training data ``data.coarse_moving``)."""
         config = network.config
         grid = WorkingGrid.for_images(fixed, config.working_scale)
         fixed_features = network(grid.image_down(fixed))
         if moving_own_grid is not None:
-            moving_features = features_from_own_grid(network, moving_own_grid, grid, fixed_features)
+            moving_features = features_from_own_grid(network, moving_own_grid, grid, fixed_features, own_grid_voxels)
         else:
             moving_features = network(grid.image_down(moving))
         settings = SolverSettings(representation=config.train_representation,
@@ -186,8 +192,9 @@ class DIOMethod(LearnedIterativeMethod):
         with torch.no_grad():
             fixed_features = self.network(fixed_w)
             if moving_own_grid is not None and self.options.features_on_own_grid:
-                moving_features = features_from_own_grid(self.network, moving_own_grid.to(self.device), grid,
-                                                         fixed_features)
+                own = replace(moving_own_grid, image=moving_own_grid.image.to(self.device))
+                moving_features = features_from_own_grid(self.network, own, grid, fixed_features,
+                                                         self.options.own_grid_voxels)
             else:
                 moving_features = self.network(moving_w)
         keep = [all_scales.index(s) for s in scales]
@@ -235,14 +242,22 @@ class DIOMethod(LearnedIterativeMethod):
             previous, index = state.displacement, index + 1
 
 
-def features_from_own_grid(network, moving_own_grid, grid: WorkingGrid, fixed_features) -> list[torch.Tensor]:
-    """The moving image's feature images computed on its own grid (brought down by the fixed image's working scale),
-    then read at the fixed feature grids' voxels: one linear interpolation of the features instead of one of the
-    image, so the network sees thick slices as acquired, not interpolated ones (paper §3.1)."""
+def features_from_own_grid(network, moving_own_grid, grid: WorkingGrid, fixed_features,
+                           voxels: str) -> list[torch.Tensor]:
+    """The moving image's feature images computed on its own grid (paper §3.1), then read at the fixed feature
+    grids' voxels. ``voxels``: ``acquired`` keeps its voxels (brought down by the fixed image's working scale);
+    ``working`` first resamples it, on its own field of view and axes, to the fixed working grid's finest voxel
+    size."""
     own = moving_own_grid.image
     own_shape = tuple(own.shape[2:])
-    scale = max(w / n for w, n in zip(grid.shape, grid.image_shape))
-    own_features = network(resize_image(own, working_shape(own_shape, scale)))
+    if voxels == "working":
+        voxel_mm = min(s * (n - 1) / max(w - 1, 1) for s, n, w in
+                       zip(moving_own_grid.fixed_spacing, grid.image_shape, grid.shape))
+        feature_shape = tuple(max(2, round((n - 1) * s / voxel_mm) + 1) for n, s in
+                              zip(own_shape, moving_own_grid.spacing))
+    else:
+        feature_shape = working_shape(own_shape, max(w / n for w, n in zip(grid.shape, grid.image_shape)))
+    own_features = network(resize_image(own, feature_shape))
     fixed_to_own = torch.as_tensor(moving_own_grid.fixed_to_own_index, dtype=torch.float64)
     carried = []
     for fixed_k, own_k in zip(fixed_features, own_features):

@@ -214,15 +214,17 @@ def grid_rescaling(old_shape: Sequence[int], new_shape: Sequence[int]) -> torch.
     return torch.diag(torch.tensor([*_corner_aligned_factors(old_shape, new_shape), 1.0], dtype=torch.float64))
 
 
-def sample_through_index_map(image: torch.Tensor, index_map: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+def sample_through_index_map(image: torch.Tensor, index_map: torch.Tensor, shape: Sequence[int],
+                             padding_mode: str = "zeros") -> torch.Tensor:
     """``image`` ``[B, C, *own]`` read on another grid of ``shape``: voxel ``p`` (array order) of the new grid
-    takes the value at ``index_map @ [p, 1]`` of ``image``'s grid (linear; zero outside it). ``index_map`` is a
-    homogeneous ``[ndim + 1, ndim + 1]`` matrix, e.g. :meth:`iterreg.geometry.Geometry.array_index_map_to`."""
+    takes the value at ``index_map @ [p, 1]`` of ``image``'s grid (linear; outside it zero, or with ``border`` the
+    nearest edge value). ``index_map`` is a homogeneous ``[ndim + 1, ndim + 1]`` matrix, e.g.
+    :meth:`iterreg.geometry.Geometry.array_index_map_to`."""
     nd = len(shape)
     m = torch.as_tensor(index_map, dtype=image.dtype, device=image.device)
     points = identity_grid(shape, device=image.device, dtype=image.dtype)
     mapped = torch.einsum("ij,bj...->bi...", m[:nd, :nd], points) + m[:nd, nd].view(1, nd, *([1] * nd))
-    return _sample(image, mapped, "bilinear", "zeros")
+    return _sample(image, mapped, "bilinear", padding_mode)
 
 
 def rescale_spacing(spacing: Sequence[float], old_shape: Sequence[int], new_shape: Sequence[int]) -> list[float]:

@@ -264,7 +264,9 @@ def features_from_own_grid(network, moving_own_grid, grid: WorkingGrid, fixed_fe
         # fixed feature voxel -> fixed image voxel -> moving image voxel -> moving feature voxel
         index_map = (grid_rescaling(own_shape, own_k.shape[2:]) @ fixed_to_own
                      @ grid_rescaling(fixed_k.shape[2:], grid.image_shape))
-        carried.append(sample_through_index_map(own_k, index_map, fixed_k.shape[2:]))
+        # border: a fixed voxel just past the moving grid's last voxel centre (its extent rounds down on a coarse
+        # grid) keeps the edge's features rather than zeros, which the optimizer would read as an edge
+        carried.append(sample_through_index_map(own_k, index_map, fixed_k.shape[2:], "border"))
     return carried
 
 

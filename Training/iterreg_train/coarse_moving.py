@@ -67,6 +67,10 @@ class CoarseMovingSettings:
     def validation_factors(self, ndim: int) -> tuple[float, ...]:
         return (max(self.slice_factors),) + (1.0,) * (ndim - 1)
 
+    def predict_arguments(self, moving: torch.Tensor, spacing, factors) -> dict:
+        """The method's ``predict`` keywords for ``moving`` re-acquired with spacing ``factors``."""
+        return {"moving_own_grid": coarse_moving(moving, spacing, factors), "own_grid_voxels": self.voxels}
+
 
 def coarse_moving(moving: torch.Tensor, spacing, factors) -> MovingOnOwnGrid:
     """``moving`` ``[B, 1, *shape]`` (one grid of ``spacing`` mm per array axis) re-acquired with its spacing

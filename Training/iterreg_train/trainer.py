@@ -30,7 +30,7 @@ from iterreg.methods import get_method
 from iterreg.metrics import dice
 from iterreg.spatial import sample_displacement_at, warp, warp_labels
 
-from .coarse_moving import CoarseMovingSettings, coarse_moving
+from .coarse_moving import CoarseMovingSettings
 from .datasets import Pair, PairSource
 
 __all__ = ["train", "registration_loss", "Distributed"]
@@ -133,8 +133,7 @@ def _validate(method_cls, network, pairs, loss_config, device, coarse, coarse_fa
     scores = {"similarity": [], "dice": [], "tre_mm": []}
     for pair in pairs:
         fixed, moving = pair.fixed[None].to(device), pair.moving[None].to(device)
-        own = {} if coarse_factors is None else {"moving_own_grid": coarse_moving(moving, pair.spacing, coarse_factors),
-                                                 "own_grid_voxels": coarse.voxels}
+        own = {} if coarse_factors is None else coarse.predict_arguments(moving, pair.spacing, coarse_factors)
         u = method_cls.predict(network, fixed, moving, **own)[-1]
         scores["similarity"].append(float(losses.similarity_loss(loss_config["similarity"], fixed, warp(moving, u),
                                                                  **sim_kwargs)))
@@ -234,8 +233,7 @@ def train(config: dict, source: PairSource, out: str | Path, resume: bool = Fals
         seen.append(pairs[0].name)
         batch = _batch(pairs, device_t)
         factors = coarse.draw(ndim, data_rng) if coarse is not None else None
-        own = {} if factors is None else {"moving_own_grid": coarse_moving(batch["moving"], pairs[0].spacing, factors),
-                                          "own_grid_voxels": coarse.voxels}
+        own = {} if factors is None else coarse.predict_arguments(batch["moving"], pairs[0].spacing, factors)
         with torch.autocast(device_t.type, dtype=torch.bfloat16, enabled=amp):
             displacements = _predict(method_cls, model, batch["fixed"], batch["moving"], **own)
         weights = loss_cfg.get("step_weights") or _method_step_weights(method_cls, network, len(displacements))

@@ -210,6 +210,20 @@ def test_deqreg_stops_at_its_tolerance_and_reports_the_residual(solver, monkeypa
         assert len(states) == 14  # the first k with 0.5^k / (1 - 0.5^k) < 1e-4
 
 
+def test_deqreg_damping_reaches_the_fixed_point_that_plain_iteration_overshoots(tmp_path, monkeypatch):
+    fixed, moving = pair(2)
+    network = DEQRegNetwork(DEQRegConfig(ndim=2))
+    target = torch.randn(1, 2, *SHAPES[2])
+    monkeypatch.setattr(network, "residual", Contraction(target, rate=2.5))  # g(u) - target = -1.5 (u - target)
+    plain = list(network.iterate(fixed, moving, max_iter=20, tolerance=1e-4))
+    damped = list(network.iterate(fixed, moving, max_iter=20, tolerance=1e-4, damping=0.5))  # factor -0.25
+    assert len(plain) == 20 and float((plain[-1].displacement - target).abs().max()) > 100  # oscillates away
+    assert len(damped) < 20
+    torch.testing.assert_close(damped[-1].displacement, target, rtol=0, atol=1e-3)
+    with pytest.raises(InputError, match="damping must be in"):
+        get_method("deqreg").create(checkpoint(tmp_path, "deqreg", 2), options={"damping": 0.0})
+
+
 def test_deqreg_run_reports_the_residual_and_its_channels_and_ends_converged(tmp_path, monkeypatch):
     fixed, moving = pair(2)
     method = get_method("deqreg").create(checkpoint(tmp_path, "deqreg", 2), options={"tolerance": 1e-3})

@@ -118,13 +118,15 @@ class DEQRegNetwork(nn.Module):
     @torch.no_grad()
     def iterate(self, fixed: torch.Tensor, moving: torch.Tensor, max_iter: int | None = None,
                 tolerance: float | None = None, init: torch.Tensor | None = None,
-                solver: str | None = None) -> Iterator[DEQState]:
-        """Every solver evaluation as it happens; the last one met the tolerance or used up ``max_iter``."""
+                solver: str | None = None, damping: float = 1.0) -> Iterator[DEQState]:
+        """Every solver evaluation as it happens; the last one met the tolerance or used up ``max_iter``.
+        ``damping`` < 1 moves each iterate only that far towards ``g(u)`` (torchdeq's ``tau``): the same fixed
+        point, reached more slowly but without the oscillation a non-contractive ``g`` can start."""
         max_iter = max_iter or self.config.max_iter
         tolerance = self.config.tolerance if tolerance is None else tolerance
         u0 = self._zero(fixed) if init is None else init
         for k, (u, gu) in enumerate(stream_solver(solver or self.config.solver, self._map(fixed, moving), u0,
-                                                  max_iter), start=1):
+                                                  max_iter, tau=damping), start=1):
             update = gu - u
             relative = float(update.norm() / (gu.norm() + 1e-9))  # torchdeq's 'rel' stop criterion
             yield DEQState(k, gu, update, relative)

@@ -22,14 +22,15 @@ from ..networks.deqreg import SOLVERS, DEQRegConfig, DEQRegNetwork
 class DEQRegOptions(WorkingGridOptions):
     tolerance: float = 1e-3  # relative residual |g(u) - u| / |g(u)| at which the solve stops (0: never early)
     solver: str = ""  # fixed_point_iter | anderson; "": the checkpoint's
-    damping: float = 1.0  # 0-1: each iteration moves this far towards g(u) (1: the paper's plain iteration)
+    damping: float = 0.0  # (0, 1]: each iteration moves this far towards g(u) (1: the paper's plain
+    # iteration); 0: the checkpoint's
 
     def check(self) -> None:
         super().check()
         if self.tolerance < 0:
             raise InputError(f"tolerance must be >= 0, got {self.tolerance}")
-        if not 0 < self.damping <= 1:
-            raise InputError(f"damping must be in (0, 1], got {self.damping}")
+        if not 0 <= self.damping <= 1:
+            raise InputError(f"damping must be in (0, 1] (0: the checkpoint's), got {self.damping}")
         if self.solver and self.solver not in SOLVERS:
             raise InputError(f"unknown solver '{self.solver}'; choose {' or '.join(SOLVERS)}")
 
@@ -56,7 +57,7 @@ class DEQRegMethod(LearnedIterativeMethod):
         previous = start
         fixed_w, moving_w = grid.image_down(fixed), grid.image_down(moving)
         states = self.network.iterate(fixed_w, moving_w, steps, tolerance, start, self.options.solver or None,
-                                      self.options.damping)
+                                      self.options.damping or None)
         try:
             for state in states:
                 converged = state.relative_residual < tolerance

@@ -37,6 +37,9 @@ class DEQRegConfig(DictConfig):
     solver: str = "fixed_point_iter"  # the paper's; "anderson" accelerates
     max_iter: int = 48  # T
     tolerance: float = 1e-3  # relative residual |g(u) - u| / |g(u)| at which the solve stops
+    damping: float = 1.0  # each solver iteration moves this far towards g(u) (torchdeq's tau), in training's
+    # forward solve and at inference; 1: the paper's plain iteration (ours: < 1 for a checkpoint whose g is not
+    # contractive everywhere, Docs/methods.md)
     phantom_steps: int = 2  # K
     tau: float = 0.5  # phantom-gradient damping
     states: int = 3  # S sampled states for the correction loss
@@ -50,6 +53,8 @@ class DEQRegConfig(DictConfig):
             raise ValueError(f"solver must be one of {SOLVERS}, got '{self.solver}'")
         if self.max_iter < 1 or self.phantom_steps < 1 or self.states < 1 or not 0 < self.tau <= 1:
             raise ValueError("max_iter, phantom_steps and states must be >= 1 and tau in (0, 1]")
+        if not 0 < self.damping <= 1:
+            raise ValueError("damping must be in (0, 1]")
         if not 0 < self.working_scale <= 1:
             raise ValueError("working_scale must be in (0, 1]")
 
@@ -93,7 +98,7 @@ class DEQRegNetwork(nn.Module):
         """Training: the sampled states (phantom gradients attached), the last being the solution;
         evaluation mode: ``[solution]``."""
         u0 = self._zero(fixed) if init is None else init
-        states, _info = self.deq(self._map(fixed, moving), u0)
+        states, _info = self.deq(self._map(fixed, moving), u0, solver_kwargs={"tau": self.config.damping})
         self.auxiliary_loss = None
         c = self.config
         if self.training and (c.residual_weight > 0 or c.jacobian_weight > 0):
@@ -118,15 +123,16 @@ class DEQRegNetwork(nn.Module):
     @torch.no_grad()
     def iterate(self, fixed: torch.Tensor, moving: torch.Tensor, max_iter: int | None = None,
                 tolerance: float | None = None, init: torch.Tensor | None = None,
-                solver: str | None = None, damping: float = 1.0) -> Iterator[DEQState]:
+                solver: str | None = None, damping: float | None = None) -> Iterator[DEQState]:
         """Every solver evaluation as it happens; the last one met the tolerance or used up ``max_iter``.
         ``damping`` < 1 moves each iterate only that far towards ``g(u)`` (torchdeq's ``tau``): the same fixed
-        point, reached more slowly but without the oscillation a non-contractive ``g`` can start."""
+        point, reached more slowly but without the oscillation a non-contractive ``g`` can start (None: the
+        checkpoint's)."""
         max_iter = max_iter or self.config.max_iter
         tolerance = self.config.tolerance if tolerance is None else tolerance
         u0 = self._zero(fixed) if init is None else init
         for k, (u, gu) in enumerate(stream_solver(solver or self.config.solver, self._map(fixed, moving), u0,
-                                                  max_iter, tau=damping), start=1):
+                                                  max_iter, tau=damping or self.config.damping), start=1):
             update = gu - u
             relative = float(update.norm() / (gu.norm() + 1e-9))  # torchdeq's 'rel' stop criterion
             yield DEQState(k, gu, update, relative)

@@ -152,3 +152,13 @@ def test_normalised_coordinates_put_minus_one_and_one_on_the_corner_voxel_centre
     torch.testing.assert_close(voxels, identity_grid(shape))
     # a vector of 2 (corner to corner) spans n - 1 voxels
     torch.testing.assert_close(normalised_to_voxels(torch.tensor([2.0, 2.0, 2.0]), shape), torch.tensor([4.0, 8.0, 0.0]))
+
+
+def test_the_grid_for_a_voxel_size_is_the_inverse_of_rescaling_the_spacing():
+    from iterreg.spatial import rescale_spacing, shape_for_voxel_size
+    shape, spacing = (21, 64, 64), (3.0, 1.0, 1.0)  # thick slices over 60 x 63 x 63 mm
+    fine = shape_for_voxel_size(shape, spacing, 1.0)
+    assert fine == (61, 64, 64)
+    assert rescale_spacing(spacing, shape, fine) == [1.0, 1.0, 1.0]
+    assert shape_for_voxel_size(shape, spacing, 2.0) == (31, 33, 33)  # nearest whole number of voxels
+    assert shape_for_voxel_size((3, 3), (1.0, 1.0), 10.0) == (2, 2)  # never fewer than two voxels

@@ -42,6 +42,7 @@ __all__ = [
     "vector_length",
     "grid_rescaling",
     "sample_through_index_map",
+    "shape_for_voxel_size",
 ]
 
 
@@ -231,6 +232,12 @@ def rescale_spacing(spacing: Sequence[float], old_shape: Sequence[int], new_shap
     """Voxel size per array axis after resampling a grid of ``old_shape`` to ``new_shape`` over the same field of
     view (the same rule as :meth:`iterreg.geometry.Geometry.scaled_to_shape`; a one-voxel axis keeps its size)."""
     return [s * (o - 1) / (n - 1) if o > 1 and n > 1 else s for s, o, n in zip(spacing, old_shape, new_shape)]
+
+
+def shape_for_voxel_size(shape: Sequence[int], spacing: Sequence[float], voxel_mm: float) -> tuple[int, ...]:
+    """The grid over the same field of view as ``shape`` (voxels of ``spacing`` mm) whose voxels are closest to
+    ``voxel_mm`` along every axis: the inverse of :func:`rescale_spacing` (at least 2 voxels per axis)."""
+    return tuple(max(2, round((n - 1) * s / voxel_mm) + 1) for n, s in zip(shape, spacing))
 
 
 def jacobian_matrix(displacement: torch.Tensor) -> torch.Tensor:

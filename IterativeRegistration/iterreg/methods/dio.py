@@ -31,7 +31,8 @@ from ..feature_optimizer import FieldPrompts, SolverSettings, combine, different
     optimise, to_displacement
 from ..networks.dio import DIOConfig, FeatureNetwork
 from ..spatial import grid_rescaling, rescale_spacing, rescale_voxel_points, rescale_voxel_vectors, \
-    resize_displacement, resize_image, sample_through_index_map, spatial_ndim, vector_length, warp
+    resize_displacement, resize_image, sample_through_index_map, shape_for_voxel_size, spatial_ndim, \
+    vector_length, warp
 
 
 @dataclass(frozen=True)
@@ -251,10 +252,8 @@ def features_from_own_grid(network, moving_own_grid, grid: WorkingGrid, fixed_fe
     own = moving_own_grid.image
     own_shape = tuple(own.shape[2:])
     if voxels == "working":
-        voxel_mm = min(s * (n - 1) / max(w - 1, 1) for s, n, w in
-                       zip(moving_own_grid.fixed_spacing, grid.image_shape, grid.shape))
-        feature_shape = tuple(max(2, round((n - 1) * s / voxel_mm) + 1) for n, s in
-                              zip(own_shape, moving_own_grid.spacing))
+        voxel_mm = min(rescale_spacing(moving_own_grid.fixed_spacing, grid.image_shape, grid.shape))
+        feature_shape = shape_for_voxel_size(own_shape, moving_own_grid.spacing, voxel_mm)
     else:
         feature_shape = working_shape(own_shape, max(w / n for w, n in zip(grid.shape, grid.image_shape)))
     own_features = network(resize_image(own, feature_shape))

@@ -108,21 +108,22 @@ def convergence_runs(args) -> dict:
     from iterreg.imaging import prepare_pair
     from iterreg.methods import get_method
     from iterreg.metrics import dice
-    from iterreg.sample_data import make_pair
+    from iterreg.sample_data import make_pair, make_slice_pair
     from iterreg.spatial import warp_labels
     import SimpleITK as sitk
 
     torch.set_num_threads(2)
     runs = {"riir": {"steps": 4 * 6, "options": {}}, "deqreg": {"steps": 4 * 48, "options": {"tolerance": 0.0}}}
     curves: dict = {m: {"dice": [], "folding": [], "stopped": [], "stopped_dice": []} for m in runs}
+    generate = make_pair if args.ndim == 3 else make_slice_pair
     for k in range(args.pairs):
-        sample = make_pair(args.size, seed=args.first_seed + k)
+        sample = generate(args.size, seed=args.first_seed + k)
         prepared = prepare_pair(sample.fixed, sample.moving)
         fixed_labels = sitk.GetArrayFromImage(sample.fixed_labels)
         moving_labels = torch.from_numpy(sitk.GetArrayFromImage(sample.moving_labels).astype(np.int64))[None, None]
         score = lambda u: dice(fixed_labels, warp_labels(moving_labels, u)[0, 0].numpy())["mean"]  # noqa: E731
         for name, run in runs.items():
-            method = get_method(name).create(options=run["options"], ndim=3)
+            method = get_method(name).create(options=run["options"], ndim=args.ndim)
             d, f = [], []
             for step in method.run(prepared.fixed, prepared.moving, run["steps"]):
                 d.append(score(step.displacement))
@@ -131,7 +132,7 @@ def convergence_runs(args) -> dict:
             curves[name]["folding"].append(f)
             print(f"pair {args.first_seed + k} {name}: Dice {d[0]:.3f} -> {d[-1]:.3f} after {len(d)} steps",
                   flush=True)
-        steps = list(get_method("deqreg").create(ndim=3).run(prepared.fixed, prepared.moving, 4 * 48))
+        steps = list(get_method("deqreg").create(ndim=args.ndim).run(prepared.fixed, prepared.moving, 4 * 48))
         curves["deqreg"]["stopped"].append(len(steps))
         curves["deqreg"]["stopped_dice"].append(score(steps[-1].displacement))
     return curves
@@ -153,11 +154,14 @@ def convergence(args) -> str:
         rows.append([name, f"best: {best}", f"{dice_curve[best - 1]:.3f}", f"{folding_curve[best - 1]:.3f}", ""])
     stopped = curves["deqreg"]["stopped"]
     table = markdown_table(["method", "inference steps", "Dice", "folding %", ""], rows)
+    what = (f"{args.size}^3", "3D checkpoints", "pairs", "10") if args.ndim == 3 else \
+        (f"{args.size}^2 axial slices", "2D checkpoints (DEQReg's runs with its recorded damping 0.5)", "slice pairs", "8")
     return "\n".join([
-        f"## RIIR vs DEQReg: convergence beyond the trained steps ({args.size}^3, the DEQReg paper's Fig. 3)", "",
-        f"Run {date.today().isoformat()} on {machine()}, by `Testing/benchmark_riir_deqreg.py convergence --size "
-        f"{args.size} --pairs {args.pairs} --first-seed {args.first_seed}`. Bundled 3D checkpoints; held-out "
-        f"generated pairs (seeds {args.first_seed}-{args.first_seed + args.pairs - 1}, peak 10 mm); mean over pairs. "
+        f"## RIIR vs DEQReg: convergence beyond the trained steps ({what[0]}, the DEQReg paper's Fig. 3)", "",
+        f"Run {date.today().isoformat()} on {machine()}, by `Testing/benchmark_riir_deqreg.py convergence --ndim "
+        f"{args.ndim} --size {args.size} --pairs {args.pairs} --first-seed {args.first_seed}`. Bundled {what[1]}; "
+        f"held-out generated {what[2]} (seeds {args.first_seed}-{args.first_seed + args.pairs - 1}, peak "
+        f"{what[3]} mm); mean over pairs. "
         "RIIR runs 4x its 6 trained steps; DEQReg 4x its 48 trained iterations with the tolerance set to 0 so that "
         "it never stops early.", "", table, "",
         f"With its default tolerance (relative residual 1e-3) DEQReg stopped after {np.mean(stopped):.0f} "
@@ -223,6 +227,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("benchmark", choices=["memory", "convergence", "working-grid"])
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--ndim", type=int, choices=[2, 3], default=3, help="convergence: 2D slices or 3D volumes")
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=200)
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="working-grid: input sizes")
@@ -233,7 +238,8 @@ def main() -> int:
     body = {"memory": memory, "convergence": convergence, "working-grid": working_grid}[args.benchmark](args)
     print(body)
     if not args.no_write:
-        print(f"wrote {write_section(f'riir-deqreg-{args.benchmark}', body)}")
+        suffix = "-2d" if args.benchmark == "convergence" and args.ndim == 2 else ""
+        print(f"wrote {write_section(f'riir-deqreg-{args.benchmark}{suffix}', body)}")
     return 0
 
 

@@ -22,6 +22,7 @@ declare -A SECTIONS=(
     [scene]="Testing/benchmark_scene_updates.py --steps 20"
     [riir-deqreg-memory]="Testing/benchmark_riir_deqreg.py memory --size 64"
     [riir-deqreg-convergence]="Testing/benchmark_riir_deqreg.py convergence --size 64 --pairs 3 --first-seed 200"
+    [riir-deqreg-convergence-2d]="Testing/benchmark_riir_deqreg.py convergence --ndim 2 --size 128 --pairs 8 --first-seed 200"
     [riir-deqreg-working-grid]="Testing/benchmark_riir_deqreg.py working-grid --sizes 64 128 --pairs 3 --first-seed 200"
     [iirp-iterstop]="Testing/benchmark_iirp_r2n2.py iterstop"
     [dio-accuracy]="Testing/benchmark_dio.py accuracy"
@@ -32,7 +33,8 @@ declare -A SECTIONS=(
     [r2n2-compactness]="Testing/benchmark_iirp_r2n2.py compactness"
     [r2n2-series]="Testing/benchmark_iirp_r2n2.py series"
 )
-ORDER=(baselines-64 memory worker scene riir-deqreg-memory riir-deqreg-convergence riir-deqreg-working-grid
+ORDER=(baselines-64 memory worker scene riir-deqreg-memory riir-deqreg-convergence riir-deqreg-convergence-2d
+       riir-deqreg-working-grid
        iirp-iterstop dio-accuracy dio-smoothing dio-prompts dio-robustness r2n2-localisation r2n2-compactness
        r2n2-series baselines-96 baselines-128)
 

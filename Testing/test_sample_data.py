@@ -76,7 +76,7 @@ def test_slice_pairs_and_series_are_2d():
     assert after > before + 0.05
 
 
-def test_a_coarser_acquisition_keeps_the_anatomy_and_its_physical_extent(small_pair):
+def test_a_coarser_acquisition_keeps_its_origin_and_its_extent_to_a_whole_coarse_voxel(small_pair):
     from iterreg.sample_data import on_coarser_grid
     thick = on_coarser_grid(small_pair.moving, (1, 1, 3))
     assert thick.GetSpacing()[2] == pytest.approx(3 * small_pair.moving.GetSpacing()[2])

@@ -232,8 +232,8 @@ def deformed_template(size: int = 64, seed: int = 0, magnitude_mm: float = 6.0,
 
 def on_coarser_grid(image: sitk.Image, spacing_factors, labels: bool = False) -> sitk.Image:
     """The same anatomy as a scanner with coarser voxels would acquire it: spacing multiplied per axis (ITK order,
-    e.g. ``(1, 1, 3)`` for 3x thicker slices), same origin, direction and physical extent. An image is smoothed
-    first (thick slices average their content); a label map is sampled nearest-neighbour."""
+    e.g. ``(1, 1, 3)`` for 3x thicker slices), same origin and direction, the extent rounded to whole coarse voxels.
+    An image is smoothed first (thick slices average their content); a label map is sampled nearest-neighbour."""
     factors = [float(f) for f in spacing_factors]
     if len(factors) != image.GetDimension() or min(factors) < 1:
         raise ValueError(f"spacing_factors must be {image.GetDimension()} factors >= 1, got {list(spacing_factors)}")

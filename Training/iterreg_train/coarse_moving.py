@@ -23,6 +23,7 @@ import torch
 from iterreg.errors import InputError
 from iterreg.geometry import Geometry
 from iterreg.imaging import MovingOnOwnGrid
+from iterreg.methods.dio import OWN_GRID_VOXELS
 from iterreg.sample_data import on_coarser_grid
 
 __all__ = ["CoarseMovingSettings", "coarse_moving"]
@@ -49,7 +50,7 @@ class CoarseMovingSettings:
                 min(settings.slice_factors + settings.in_plane_factors) < 1:
             raise InputError("data.coarse_moving.slice_factors and in_plane_factors must be non-empty lists of "
                              "factors >= 1")
-        if settings.voxels not in ("working", "acquired"):
+        if settings.voxels not in OWN_GRID_VOXELS:
             raise InputError(f"data.coarse_moving.voxels must be 'working' or 'acquired', got {settings.voxels!r}")
         if not getattr(method_cls, "reads_moving_on_own_grid", False):
             raise InputError(f"data.coarse_moving is for methods that read the moving image on its own grid (dio); "

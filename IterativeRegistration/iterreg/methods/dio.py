@@ -35,6 +35,9 @@ from ..spatial import grid_rescaling, rescale_spacing, rescale_voxel_points, res
     vector_length, warp
 
 
+OWN_GRID_VOXELS = ("working", "acquired")  # see DIOOptions.own_grid_voxels
+
+
 @dataclass(frozen=True)
 class DIOOptions(WorkingGridOptions):
     representation: str = "freeform"  # freeform | diffeomorphic | svf
@@ -71,7 +74,7 @@ class DIOOptions(WorkingGridOptions):
             raise InputError("prompt_weight and label_weight must be >= 0 and prompt_radius_mm > 0")
         if not self.refine_scales:
             raise InputError("refine_scales needs at least one feature scale")
-        if self.own_grid_voxels not in ("working", "acquired"):
+        if self.own_grid_voxels not in OWN_GRID_VOXELS:
             raise InputError(f"own_grid_voxels must be 'working' or 'acquired', got {self.own_grid_voxels!r}")
 
 

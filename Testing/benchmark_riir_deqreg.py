@@ -135,6 +135,7 @@ def convergence_runs(args) -> dict:
         steps = list(get_method("deqreg").create(ndim=args.ndim).run(prepared.fixed, prepared.moving, 4 * 48))
         curves["deqreg"]["stopped"].append(len(steps))
         curves["deqreg"]["stopped_dice"].append(score(steps[-1].displacement))
+        curves["peak_mm"] = sample.info["magnitude_mm"]  # the generator's, as the pairs were made
     return curves
 
 
@@ -154,14 +155,14 @@ def convergence(args) -> str:
         rows.append([name, f"best: {best}", f"{dice_curve[best - 1]:.3f}", f"{folding_curve[best - 1]:.3f}", ""])
     stopped = curves["deqreg"]["stopped"]
     table = markdown_table(["method", "inference steps", "Dice", "folding %", ""], rows)
-    what = (f"{args.size}^3", "3D checkpoints", "pairs", "10") if args.ndim == 3 else \
-        (f"{args.size}^2 axial slices", "2D checkpoints (DEQReg's runs with its recorded damping 0.5)", "slice pairs", "8")
+    what = (f"{args.size}^3", "3D checkpoints", "pairs") if args.ndim == 3 else \
+        (f"{args.size}^2 axial slices", "2D checkpoints (DEQReg's runs with its recorded damping 0.5)", "slice pairs")
     return "\n".join([
         f"## RIIR vs DEQReg: convergence beyond the trained steps ({what[0]}, the DEQReg paper's Fig. 3)", "",
         f"Run {date.today().isoformat()} on {machine()}, by `Testing/benchmark_riir_deqreg.py convergence --ndim "
         f"{args.ndim} --size {args.size} --pairs {args.pairs} --first-seed {args.first_seed}`. Bundled {what[1]}; "
         f"held-out generated {what[2]} (seeds {args.first_seed}-{args.first_seed + args.pairs - 1}, peak "
-        f"{what[3]} mm); mean over pairs. "
+        f"{curves['peak_mm']:g} mm); mean over pairs. "
         "RIIR runs 4x its 6 trained steps; DEQReg 4x its 48 trained iterations with the tolerance set to 0 so that "
         "it never stops early.", "", table, "",
         f"With its default tolerance (relative residual 1e-3) DEQReg stopped after {np.mean(stopped):.0f} "

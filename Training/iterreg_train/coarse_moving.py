@@ -51,7 +51,8 @@ class CoarseMovingSettings:
             raise InputError("data.coarse_moving.slice_factors and in_plane_factors must be non-empty lists of "
                              "factors >= 1")
         if settings.voxels not in OWN_GRID_VOXELS:
-            raise InputError(f"data.coarse_moving.voxels must be 'working' or 'acquired', got {settings.voxels!r}")
+            raise InputError(f"data.coarse_moving.voxels must be {' or '.join(map(repr, OWN_GRID_VOXELS))}, "
+                             f"got {settings.voxels!r}")
         if not getattr(method_cls, "reads_moving_on_own_grid", False):
             raise InputError(f"data.coarse_moving is for methods that read the moving image on its own grid (dio); "
                              f"'{method_cls.name}' resamples it onto the fixed grid first: set its probability to 0")

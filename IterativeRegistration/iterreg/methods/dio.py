@@ -75,7 +75,8 @@ class DIOOptions(WorkingGridOptions):
         if not self.refine_scales:
             raise InputError("refine_scales needs at least one feature scale")
         if self.own_grid_voxels not in OWN_GRID_VOXELS:
-            raise InputError(f"own_grid_voxels must be 'working' or 'acquired', got {self.own_grid_voxels!r}")
+            raise InputError(f"own_grid_voxels must be {' or '.join(map(repr, OWN_GRID_VOXELS))}, "
+                             f"got {self.own_grid_voxels!r}")
 
 
 class DIOMethod(LearnedIterativeMethod):

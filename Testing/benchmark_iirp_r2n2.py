@@ -108,16 +108,18 @@ def iterstop(args) -> str:
 
 
 # --- R2N2: compactness and speed ----------------------------------------------------------------------------
-def checkpoint_label(args) -> str:
+def checkpoint_label(args, ndim: int = 2) -> str:
     from pathlib import Path
 
     from iterreg.resources import default_checkpoint
-    return Path(args.checkpoint or default_checkpoint("r2n2", 2)).name
+    return Path(args.checkpoint or default_checkpoint("r2n2", ndim)).name
 
 
-def bspline_register(fixed, moving, mesh: int):
+def bspline_register(fixed, moving, mesh: int, sampling: float | None = None):
     """A plain SimpleITK B-spline registration (MSE, LBFGSB, 3 resolutions), returning the voxel field and its
-    number of parameters; the paper's comparison is a B-spline grid optimised on the image pair."""
+    number of parameters; the paper's comparison is a B-spline grid optimised on the image pair. ``sampling``: the
+    fraction of voxels the metric reads (random, fixed seed) - every voxel when None; 3D grids need it to finish in
+    minutes, as elastix samples too."""
     import SimpleITK as sitk
     import torch
 
@@ -126,6 +128,9 @@ def bspline_register(fixed, moving, mesh: int):
     transform = sitk.BSplineTransformInitializer(fixed, [mesh] * fixed.GetDimension(), order=3)
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMeanSquares()
+    if sampling is not None:
+        reg.SetMetricSamplingStrategy(reg.RANDOM)
+        reg.SetMetricSamplingPercentage(sampling, 7)
     reg.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-6, numberOfIterations=100)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetInitialTransform(transform, inPlace=True)  # one mesh for all levels: its size is the parameter count
@@ -147,7 +152,7 @@ def fit_gaussians(fixed, moving, count: int, sigma_max: float, tv_weight: float,
     rotation and weight as the parameter network's outputs) fitted to one pair by Adam on R2N2's training loss
     (MSE + TV). Greedy, as R2N2 adds them: each new Gaussian starts where a Gaussian bump of the loss gradient is
     largest and is fitted alone, then all are refined together. The representation's own accuracy at that size,
-    to separate it from what the network has learned. Returns the voxel field."""
+    to separate it from what the network has learned. 2D or 3D. Returns the voxel field."""
     import torch
 
     from iterreg import losses
@@ -156,47 +161,46 @@ def fit_gaussians(fixed, moving, count: int, sigma_max: float, tv_weight: float,
     from iterreg.spatial import normalised_grid, warp
 
     shape = tuple(fixed.shape[2:])
-    if len(shape) != 2:
-        raise ValueError("fit_gaussians is written for 2D pairs (R2N2's setting)")
+    nd = len(shape)
+    angles = 1 if nd == 2 else 3
 
-    def field(raws):
-        u = fixed.new_zeros(1, 2, *shape)
-        for r in raws:  # r = [centre 2 (tanh: inside the image, as a soft-argmax), the parameter network's 5]
-            sigma, weight, angles = gaussian_parameters(r[:, 2:], 2, sigma_max)
-            g = LocalDeformation(center=torch.tanh(r[:, 0:2]), sigma=sigma, weight=weight, angles=angles)
+    def field(raws, base=None):
+        u = fixed.new_zeros(1, nd, *shape) if base is None else base
+        for r in raws:  # r = [centre nd (tanh: inside the image, as a soft-argmax), the parameter network's outputs]
+            sigma, weight, rotation = gaussian_parameters(r[:, nd:], nd, sigma_max)
+            g = LocalDeformation(center=torch.tanh(r[:, :nd]), sigma=sigma, weight=weight, angles=rotation)
             u = u + gaussian_displacement(g, shape)[0]
         return u
 
-    def loss(raws):
-        u = field(raws)
-        return losses.mse(fixed, warp(moving, u)) + tv_weight * losses.isotropic_tv(u)
-
-    def fitted(raws, trainable, iterations, lr):
+    def fitted(raws, trainable, iterations, lr, base=None):
         optimizer = torch.optim.Adam(trainable, lr=lr)
         for _ in range(iterations):
             optimizer.zero_grad()
-            loss(raws).backward()
+            u = field(raws, base)
+            (losses.mse(fixed, warp(moving, u)) + tv_weight * losses.isotropic_tv(u)).backward()
             optimizer.step()
 
     raws = []
     for _ in range(count):
+        base = field(raws).detach()  # the Gaussians placed so far stay put while the new one is fitted
         # the network's own gradient input: a mid-width Gaussian's first-order gain, and which way it points
-        bump = downhill_mse_gradient(fixed, moving, field(raws).detach(), 0.5 * sigma_max)
-        i, j = divmod(int((bump ** 2).sum(1).flatten().argmax()), shape[1])
-        raw = torch.zeros(1, 7)
-        raw[0, 0:2] = torch.atanh(normalised_grid(shape)[0, :, i, j].clamp(-0.95, 0.95))  # the centre's convention
-        downhill = bump[0, :, i, j]
-        raw[0, 4:6] = torch.atanh(0.05 * downhill / (downhill.norm() + 1e-12))
+        bump = downhill_mse_gradient(fixed, moving, base, 0.5 * sigma_max)
+        index = np.unravel_index(int((bump ** 2).sum(1).flatten().argmax()), shape)
+        raw = torch.zeros(1, 3 * nd + angles)
+        centre = normalised_grid(shape)[(0, slice(None), *index)]
+        raw[0, :nd] = torch.atanh(centre.clamp(-0.95, 0.95))  # the centre's convention
+        downhill = bump[(0, slice(None), *index)]
+        raw[0, 2 * nd:3 * nd] = torch.atanh(0.05 * downhill / (downhill.norm() + 1e-12))
         raw.requires_grad_(True)
-        fitted([r.detach() for r in raws] + [raw], [raw], greedy_iterations, 0.05)
+        fitted([raw], [raw], greedy_iterations, 0.05, base)
         raws.append(raw.detach())
     raws = [r.clone().requires_grad_(True) for r in raws]
     fitted(raws, raws, joint_iterations, 0.01)
     return field([r.detach() for r in raws]).detach()
 
 
-def _elastix_2d(sample) -> dict | None:
-    """itk-elastix on the slice pair (the all-methods tables' baseline, here in 2D), or None if not installed."""
+def _elastix(sample) -> dict | None:
+    """itk-elastix on the pair, 2D or 3D (the all-methods tables' baseline), or None if not installed."""
     import os
     import tempfile
     from pathlib import Path
@@ -222,14 +226,18 @@ def compactness(args) -> str:
     from iterreg.methods import get_method
 
     torch.set_num_threads(2)
-    meshes = (2, 3, 4, 6, 8, 12, 16)
+    nd = args.ndim
+    size, count = (128, args.pairs_2d) if nd == 2 else (args.size, args.pairs)
+    voxels = size ** nd
+    meshes = (2, 3, 4, 6, 8, 12, 16) if nd == 2 else (2, 3, 4, 6, 8)
+    sampling = None if nd == 2 else 0.1  # a 3D grid's L-BFGS-B on every voxel takes many minutes per mesh
     identity_all, r2n2_all, classical_all, elastix_all = [], [], [], []
     bspline_all = {m: [] for m in meshes}
-    fitted_counts = (8, 25)
+    fitted_counts = (8, 25) if nd == 2 else (25, 50)
     fitted_all = {n: [] for n in fitted_counts}
     steps_used = None
-    for seed, pair, evaluation, sample in pairs(2, 128, args.pairs_2d, args.first_seed):
-        method = get_method("r2n2").create(args.checkpoint, ndim=2)
+    for seed, pair, evaluation, sample in pairs(nd, size, count, args.first_seed):
+        method = get_method("r2n2").create(args.checkpoint, ndim=nd)
         steps_used = args.r2n2_steps or method.network.config.steps
         start = time.perf_counter()
         steps = list(method.run(pair.fixed, pair.moving, steps=steps_used))
@@ -239,14 +247,14 @@ def compactness(args) -> str:
         start = time.perf_counter()
         csteps = list(classical.run(pair.fixed, pair.moving))
         classical_all.append({**score(evaluation, csteps[-1].displacement), "time": time.perf_counter() - start,
-                              "params": 2 * 128 * 128})
+                              "params": nd * voxels})
         identity_all.append({**score(evaluation, torch.zeros_like(steps[-1].displacement)), "params": 0})
         import SimpleITK as sitk
         fixed_img, moving_img = (sitk.Cast(i, sitk.sitkFloat32) for i in (sample.fixed, sample.moving))
         for mesh in meshes:
-            u, n, elapsed = bspline_register(fixed_img, moving_img, mesh)
+            u, n, elapsed = bspline_register(fixed_img, moving_img, mesh, sampling)
             bspline_all[mesh].append({**score(evaluation, u), "time": elapsed, "params": n})
-        elastix = _elastix_2d(sample)
+        elastix = _elastix(sample)
         if elastix is not None:
             elastix_all.append(elastix)
         r2n2_all.append(r2n2)
@@ -272,23 +280,24 @@ def compactness(args) -> str:
     r2n2_tre = mean(r2n2_all, "tre")
     rows = [row("identity", identity_all, "0"),
             row(f"R2N2, {steps_used} Gaussians", r2n2_all, f"{mean(r2n2_all, 'params'):.0f}"),
-            row("classical (dense, ours)", classical_all, f"{2 * 128 * 128}")]
+            row("classical (dense, ours)", classical_all, f"{nd * voxels}")]
     rows += [row(f"{n} Gaussians fitted to each pair (no network)", fitted_all[n], f"{mean(fitted_all[n], 'params'):.0f}")
              for n in fitted_counts]
     if elastix_all:
         rows.append(row("itk-elastix (B-spline, 3 levels)", elastix_all, "-"))
     for mesh in meshes:
         rs = bspline_all[mesh]
-        rows.append(row(f"B-spline, mesh {mesh}x{mesh}", rs, f"{mean(rs, 'params'):.0f}"))
+        rows.append(row(f"B-spline, mesh {'x'.join([str(mesh)] * nd)}", rs, f"{mean(rs, 'params'):.0f}"))
     table = markdown_table(["transform", "Dice", "TRE mm", "folding %", "parameters",
                             f"CPU time / {reference_name}"], rows)
+
     def coarsest_bspline_within(tre):
         return next(((m, mean(bspline_all[m], "params")) for m in meshes if mean(bspline_all[m], "tre") <= tre), None)
 
     matched = coarsest_bspline_within(r2n2_tre)
     if matched:
         verdict = (f"The coarsest B-spline grid that is at least as accurate (TRE <= {r2n2_tre:.2f} mm) is "
-                   f"{matched[0]}x{matched[0]} with {matched[1]:.0f} parameters: R2N2 needs "
+                   f"{'x'.join([str(matched[0])] * nd)} with {matched[1]:.0f} parameters: R2N2 needs "
                    f"{100 * mean(r2n2_all, 'params') / matched[1]:.0f}% of them (the paper: ~7.6%).")
     else:
         verdict = (f"No B-spline grid tried reached R2N2's TRE ({r2n2_tre:.2f} mm) - R2N2's transform is then the "
@@ -297,18 +306,27 @@ def compactness(args) -> str:
         tre, params = mean(fitted_all[n], "tre"), mean(fitted_all[n], "params")
         grid = coarsest_bspline_within(tre)
         verdict += (f" {n} fitted Gaussians ({params:.0f} numbers, TRE {tre:.2f} mm): " +
-                    (f"the coarsest B-spline grid at least as accurate is {grid[0]}x{grid[0]} with {grid[1]:.0f} "
+                    (f"the coarsest B-spline grid at least as accurate is {'x'.join([str(grid[0])] * nd)} with {grid[1]:.0f} "
                      f"parameters ({100 * params / grid[1]:.0f}% of them)." if grid else
                      "no B-spline grid tried is as accurate."))
+    if nd == 2:
+        title, data = "## R2N2: compactness and speed (its paper's comparison)", f"128^2 axial slice pairs"
+        per_gaussian = "7 per Gaussian: centre 2, widths 2, rotation 1, weight 2"
+    else:
+        title, data = "## R2N2 in 3D: compactness, and the representation's ceiling", f"{size}^3 pairs"
+        per_gaussian = "12 per Gaussian: centre 3, widths 3, rotation 3, weight 3"
+    command = "compactness" + ("" if nd == 2 else f" --ndim 3 --size {size} --pairs {count}")
     return "\n".join([
-        "## R2N2: compactness and speed (its paper's comparison)", "",
-        f"Run {date.today().isoformat()} on {machine()}, by `Testing/benchmark_iirp_r2n2.py compactness`. Checkpoint "
-        f"`{checkpoint_label(args)}`; {args.pairs_2d} held-out 128^2 axial slice pairs (seeds {args.first_seed}-"
-        f"{args.first_seed + args.pairs_2d - 1}); means over pairs. 'Parameters' counts the numbers that describe "
-        "the final transform (R2N2: 7 per Gaussian: centre 2, widths 2, rotation 1, weight 2; B-spline: 2 per "
-        "control point of a cubic grid with that many mesh cells, SimpleITK, MSE, L-BFGS-B, 3 resolutions; dense: "
-        f"2 per pixel). Times are ratios to {reference_name}'s in the same run (CPU, 2 threads; elastix: its "
-        "default B-spline map, 3 resolutions, as in the all-methods tables). 'Gaussians fitted to each pair' is "
+        title, "",
+        f"Run {date.today().isoformat()} on {machine()}, by `Testing/benchmark_iirp_r2n2.py {command}`. Checkpoint "
+        f"`{checkpoint_label(args, nd)}`; {count} held-out {data} (seeds {args.first_seed}-"
+        f"{args.first_seed + count - 1}); means over pairs. 'Parameters' counts the numbers that describe "
+        f"the final transform (R2N2: {per_gaussian}; B-spline: {nd} per "
+        "control point of a cubic grid with that many mesh cells, SimpleITK, MSE, L-BFGS-B, 3 resolutions" +
+        ("" if sampling is None else f", the metric on a random {sampling:.0%} of the voxels") + "; dense: "
+        f"{nd} per voxel). Times are ratios to {reference_name}'s in the same run (CPU, 2 threads" +
+        ("; elastix: its default B-spline map, 3 resolutions, as in the all-methods tables). " if elastix_all else
+         "; itk-elastix is not installed). ") + "'Gaussians fitted to each pair' is "
         "R2N2's transform without its network: that many Gaussians, with the parameter network's ranges, fitted "
         "to the pair by Adam on the checkpoint's training loss (MSE + TV), one at a time and then together "
         "(`fit_gaussians`): how compact the representation is, apart from what the network has learned (its "
@@ -442,24 +460,30 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--pairs-2d", type=int, default=6)
+    parser.add_argument("--ndim", type=int, choices=(2, 3), default=2, help="compactness: 2D slices (the paper) or 3D")
     parser.add_argument("--first-seed", type=int, default=200)
     parser.add_argument("--r2n2-steps", type=int, default=0, help="Gaussians per pair (0: the checkpoint's trained T)")
     parser.add_argument("--frames", type=int, default=10)
-    parser.add_argument("--checkpoint", default=None, help="a 2D r2n2 checkpoint (default: the bundled one)")
+    parser.add_argument("--checkpoint", default=None, help="an r2n2 checkpoint (default: the bundled one "
+                        "of that dimension)")
     parser.add_argument("--probe-iterations", type=int, default=1000, help="localisation: iterations of the centre "
                         "task (the MSE task runs 3x as many)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     if args.what in ("compactness", "series") and args.checkpoint is None:
         from iterreg.resources import default_checkpoint
-        if default_checkpoint("r2n2", 2) is None:
-            print("no 2D r2n2 checkpoint is bundled (Docs/training.md says why); train one with iterreg-train and "
-                  "pass it with --checkpoint")
+        if default_checkpoint("r2n2", 2 if args.what == "series" else args.ndim) is None:
+            print("no r2n2 checkpoint of that dimension is bundled (Docs/training.md says why); train one with "
+                  "iterreg-train and pass it with --checkpoint")
             return 2
     body = {"iterstop": iterstop, "compactness": compactness, "series": series, "localisation": localisation}[args.what](args)
     print(body)
     if not args.no_write:
-        print(f"wrote {write_section({'iterstop': 'iirp-iterstop', 'compactness': 'r2n2-compactness', 'series': 'r2n2-series', 'localisation': 'r2n2-localisation'}[args.what], body)}")
+        key = {'iterstop': 'iirp-iterstop', 'compactness': 'r2n2-compactness', 'series': 'r2n2-series',
+               'localisation': 'r2n2-localisation'}[args.what]
+        if args.what == "compactness" and args.ndim == 3:
+            key = "r2n2-compactness-3d"
+        print(f"wrote {write_section(key, body)}")
     return 0
 
 

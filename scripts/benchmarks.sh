@@ -31,11 +31,13 @@ declare -A SECTIONS=(
     [dio-smoothing]="Testing/benchmark_dio.py smoothing --with-3d"
     [r2n2-localisation]="Testing/benchmark_iirp_r2n2.py localisation"
     [r2n2-compactness]="Testing/benchmark_iirp_r2n2.py compactness"
+    [r2n2-compactness-3d]="Testing/benchmark_iirp_r2n2.py compactness --ndim 3 --size 64 --pairs 3"
     [r2n2-series]="Testing/benchmark_iirp_r2n2.py series"
 )
 ORDER=(baselines-64 memory worker scene riir-deqreg-memory riir-deqreg-convergence riir-deqreg-convergence-2d
        riir-deqreg-working-grid
        iirp-iterstop dio-accuracy dio-smoothing dio-prompts dio-robustness r2n2-localisation r2n2-compactness
+       r2n2-compactness-3d
        r2n2-series baselines-96 baselines-128)
 
 keys=("$@")

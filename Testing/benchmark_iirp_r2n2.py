@@ -157,12 +157,11 @@ def fit_gaussians(fixed, moving, count: int, sigma_max: float, tv_weight: float,
 
     from iterreg import losses
     from iterreg.networks.r2n2 import (LocalDeformation, downhill_mse_gradient, gaussian_displacement,
-                                       gaussian_parameters)
+                                       gaussian_parameters, rotation_angle_count)
     from iterreg.spatial import normalised_grid, warp
 
     shape = tuple(fixed.shape[2:])
     nd = len(shape)
-    angles = 1 if nd == 2 else 3
 
     def field(raws, base=None):
         u = fixed.new_zeros(1, nd, *shape) if base is None else base
@@ -186,7 +185,7 @@ def fit_gaussians(fixed, moving, count: int, sigma_max: float, tv_weight: float,
         # the network's own gradient input: a mid-width Gaussian's first-order gain, and which way it points
         bump = downhill_mse_gradient(fixed, moving, base, 0.5 * sigma_max)
         index = np.unravel_index(int((bump ** 2).sum(1).flatten().argmax()), shape)
-        raw = torch.zeros(1, 3 * nd + angles)
+        raw = torch.zeros(1, 3 * nd + rotation_angle_count(nd))
         centre = normalised_grid(shape)[(0, slice(None), *index)]
         raw[0, :nd] = torch.atanh(centre.clamp(-0.95, 0.95))  # the centre's convention
         downhill = bump[(0, slice(None), *index)]

@@ -73,10 +73,15 @@ class R2N2Config(DictConfig):
     @property
     def parameter_count(self) -> int:
         """Numbers describing one local deformation: position, widths, rotation angle(s), weight."""
-        return 3 * self.ndim + (1 if self.ndim == 2 else 3)
+        return 3 * self.ndim + rotation_angle_count(self.ndim)
 
     def step_weights(self, count: int) -> list[float]:
         return [1.0 / count] * count  # paper Eq. 6: the mean over steps
+
+
+def rotation_angle_count(ndim: int) -> int:
+    """Angles that describe a local deformation's rotation: one in 2D, three in 3D (about array axes 0, 1, 2)."""
+    return 1 if ndim == 2 else 3
 
 
 def rotation_matrix(angles: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -201,9 +206,8 @@ class ParameterNetwork(nn.Module):
         self.conv = conv(ndim, channels, channels)
         self.content = conv(ndim, half, half)
         self.act = _activation(activation)
-        angles = 1 if ndim == 2 else 3
         self.fc = nn.Sequential(nn.Linear(half + local_channels, hidden), _activation(activation),
-                                nn.Linear(hidden, 2 * ndim + angles))
+                                nn.Linear(hidden, 2 * ndim + rotation_angle_count(ndim)))
         nn.init.zeros_(self.fc[-1].weight)  # the first local deformations are zero: training starts at identity
         nn.init.zeros_(self.fc[-1].bias)
 

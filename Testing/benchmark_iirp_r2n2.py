@@ -223,6 +223,7 @@ def compactness(args) -> str:
     import torch
 
     from iterreg.methods import get_method
+    from iterreg.networks.r2n2 import rotation_angle_count
 
     torch.set_num_threads(2)
     nd = args.ndim
@@ -309,11 +310,11 @@ def compactness(args) -> str:
                      f"parameters ({100 * params / grid[1]:.0f}% of them)." if grid else
                      "no B-spline grid tried is as accurate."))
     if nd == 2:
-        title, data = "## R2N2: compactness and speed (its paper's comparison)", f"128^2 axial slice pairs"
-        per_gaussian = "7 per Gaussian: centre 2, widths 2, rotation 1, weight 2"
+        title, data = "## R2N2: compactness and speed (its paper's comparison)", "128^2 axial slice pairs"
     else:
         title, data = "## R2N2 in 3D: compactness, and the representation's ceiling", f"{size}^3 pairs"
-        per_gaussian = "12 per Gaussian: centre 3, widths 3, rotation 3, weight 3"
+    per_gaussian = (f"{config.parameter_count} per Gaussian: centre {nd}, widths {nd}, rotation "
+                    f"{rotation_angle_count(nd)}, weight {nd}")
     command = "compactness" + ("" if nd == 2 else f" --ndim 3 --size {size} --pairs {count}")
     return "\n".join([
         title, "",

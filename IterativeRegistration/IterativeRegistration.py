@@ -190,6 +190,7 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
                       self.ui.checkpointComboBox, self.ui.representationComboBox):
             combo.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
         self.ui.methodComboBox.currentIndexChanged.connect(self.onMethodChanged)
+        self.ui.checkpointComboBox.currentIndexChanged.connect(self.onCheckpointChanged)
         self.ui.overlayComboBox.currentIndexChanged.connect(self.onOverlayChanged)
         for spin in (self.ui.stepsSpinBox, self.ui.regularizationSpinBox, self.ui.toleranceSpinBox,
                      self.ui.workingSizeSpinBox, self.ui.fixedFrameSpinBox):
@@ -396,6 +397,15 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         if fixed is None or moving is None:
             return _("Choose (or create) a fixed and a moving landmark list and place matching points.")
         return self.logic.input_problem(run.fixed_node, run.moving_node, fixed, moving)
+
+    def onCheckpointChanged(self, *_args):
+        """A bundled checkpoint that decides its own step count (RIIR: the T it was trained with) sets the steps."""
+        name, path = _currentData(self.ui.methodComboBox), _currentData(self.ui.checkpointComboBox)
+        if self._updatingGUI or not name or not path:
+            return
+        steps = self.logic.method_info(name).get("checkpoint_default_steps", {}).get(path)
+        if steps:
+            self.ui.stepsSpinBox.value = steps
 
     def onBrowseCheckpoint(self):
         path = qt.QFileDialog.getOpenFileName(self.parent, _("Checkpoint"), "", "Checkpoints (*.safetensors)")

@@ -197,6 +197,24 @@ def test_a_learned_method_offers_its_bundled_checkpoint(panel, sample_pair):
     assert not ui.runButton.enabled and ui.runButton.toolTip == "This method is learned: choose a checkpoint."
 
 
+def test_a_checkpoint_that_decides_its_step_count_sets_the_steps(panel):
+    import copy
+    widget, _ = panel
+    ui = widget.ui
+    catalogue = copy.deepcopy(widget.logic.method_catalogue())
+    riir = next(m for m in catalogue["methods"] if m["name"] == "riir")
+    first, *others = riir["bundled_checkpoints"]
+    assert others, "RIIR bundles a 3D and a 2D checkpoint"
+    riir["checkpoint_default_steps"][others[0]] = 9  # as a checkpoint trained with T = 9 would say
+    widget.logic._catalogue = catalogue
+    ui.methodComboBox.currentIndex = ui.methodComboBox.findData("riir")
+    assert ui.stepsSpinBox.value == riir["checkpoint_default_steps"][first]
+    ui.checkpointComboBox.currentIndex = ui.checkpointComboBox.findData(others[0])
+    assert ui.stepsSpinBox.value == 9 and widget._parameterNode.GetParameter("Steps") == "9"
+    ui.checkpointComboBox.currentIndex = ui.checkpointComboBox.findData(first)
+    assert ui.stepsSpinBox.value == riir["checkpoint_default_steps"][first]
+
+
 def test_the_network_grid_is_offered_for_learned_iterative_methods_and_reaches_the_run(panel, sample_pair):
     widget, scene = panel
     ui = widget.ui

@@ -266,6 +266,28 @@ def test_learned_iterative_methods_refuse_prompts_and_the_wrong_dimension(tmp_pa
         next(instance.run(*pair(3)))
 
 
+def test_riir_runs_the_steps_its_checkpoint_was_trained_with_unless_told(tmp_path):
+    # the paper unrolls the same T at inference as in training; DEQReg keeps its solver's budget
+    for trained in (4, 9):
+        instance = get_method("riir").create(checkpoint(tmp_path, "riir", 2, steps=trained))
+        assert instance.default_step_count == trained
+        assert len(list(instance.run(*pair(2)))) == trained
+        assert len(list(instance.run(*pair(2), steps=2))) == 2
+    deqreg = get_method("deqreg")
+    assert deqreg.create(checkpoint(tmp_path, "deqreg", 2)).default_step_count == deqreg.default_steps
+
+
+def test_the_worker_tells_the_panel_each_bundled_checkpoints_default_steps():
+    from iterreg.resources import checkpoint_metadata
+    from iterreg.worker import describe_methods
+    described = {m["name"]: m for m in describe_methods()}
+    riir = described["riir"]
+    assert riir["checkpoint_default_steps"] == {
+        path: checkpoint_metadata(path)["architecture"]["steps"] for path in riir["bundled_checkpoints"]}
+    assert riir["default_steps"] == riir["checkpoint_default_steps"][riir["bundled_checkpoints"][0]]
+    assert set(described["deqreg"]["checkpoint_default_steps"].values()) == {get_method("deqreg").default_steps}
+
+
 @pytest.mark.parametrize("method", ["riir", "deqreg"])
 def test_a_warm_start_continues_from_the_given_field(tmp_path, method):
     instance = get_method(method).create(checkpoint(tmp_path, method, 2))

@@ -8,7 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["resources_dir", "sample_pair_dir", "DEMO_PAIR", "bundled_checkpoints", "default_checkpoint"]
+__all__ = ["resources_dir", "sample_pair_dir", "DEMO_PAIR", "bundled_checkpoints", "checkpoint_metadata",
+           "default_checkpoint"]
 
 DEMO_PAIR = "mni_64"
 
@@ -33,24 +34,30 @@ def sample_pair_dir(name: str = DEMO_PAIR) -> Path:
 def bundled_checkpoints(ndim: int | None = None) -> dict[str, list[Path]]:
     """Method name -> bundled checkpoints (``Resources/Checkpoints/*.safetensors``), read from their headers;
     only those trained on ``ndim``-D images when given."""
-    import json
-
-    from safetensors import safe_open
-
     found: dict[str, list[Path]] = {}
     try:
         folder = resources_dir() / "Checkpoints"
     except FileNotFoundError:
         return found
     for path in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = json.loads((handle.metadata() or {})["iterreg"])
-        except (OSError, KeyError, ValueError):
+        metadata = checkpoint_metadata(path)
+        if not metadata:
             continue  # not one of ours: ignore rather than offer it
         if ndim is None or metadata.get("ndim", 3) == ndim:
             found.setdefault(metadata["method"], []).append(path)
     return found
+
+
+def checkpoint_metadata(path: str | Path) -> dict:
+    """A checkpoint's metadata from its header alone (no weights read); ``{}`` if it is not one of ours."""
+    import json
+
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return json.loads((handle.metadata() or {})["iterreg"])
+    except (OSError, KeyError, ValueError):
+        return {}
 
 
 def default_checkpoint(method: str, ndim: int | None = None) -> Path | None:

@@ -118,7 +118,7 @@ def describe_methods() -> list[dict]:
     import dataclasses
 
     from .methods import available_methods
-    from .resources import bundled_checkpoints
+    from .resources import bundled_checkpoints, checkpoint_metadata
 
     bundled: dict[str, list] = {}
     for ndim in (3, 2):  # 3D first: a Slicer volume is 3D unless it is a single slice
@@ -127,8 +127,11 @@ def describe_methods() -> list[dict]:
     described = []
     for name, cls in available_methods().items():
         options = {f.name: f.default for f in dataclasses.fields(cls.Options)}
+        checkpoint_steps = {str(path): cls.checkpoint_default_steps(checkpoint_metadata(path))
+                            for path in bundled.get(name, [])}
         described.append({"name": name, "title": cls.title, "description": cls.description,
-                          "default_steps": cls.default_steps, "max_steps": cls.max_steps,
+                          "default_steps": next(iter(checkpoint_steps.values()), cls.default_steps),
+                          "checkpoint_default_steps": checkpoint_steps, "max_steps": cls.max_steps,
                           "supported_ndims": list(cls.supported_ndims), "needs_checkpoint": cls.needs_checkpoint,
                           "refines": cls.refines, "bundled_checkpoints": [str(p) for p in bundled.get(name, [])],
                           "options": options})

@@ -126,6 +126,17 @@ class RegistrationMethod(ABC):
     memory_per_voxel: ClassVar[float] = 2000.0
     Options: ClassVar[type[MethodOptions]] = MethodOptions
 
+    @classmethod
+    def checkpoint_default_steps(cls, metadata: dict) -> int:
+        """How many steps a run with the checkpoint described by ``metadata`` takes unless told: the class's
+        ``default_steps``, or what the checkpoint decides for methods whose paper ties the two (RIIR)."""
+        return cls.default_steps
+
+    @property
+    def default_step_count(self) -> int:
+        """The steps a run takes unless told (this instance's checkpoint may decide)."""
+        return self.checkpoint_default_steps(getattr(self, "metadata", {}))
+
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         # A learned method that cannot load weights is a programming error: say so when the class is defined.
@@ -178,7 +189,7 @@ class RegistrationMethod(ABC):
         if nd not in self.supported_ndims:
             raise InputError(f"method '{self.name}' supports {' and '.join(f'{d}D' for d in self.supported_ndims)} "
                              f"images, not {nd}D")
-        steps = self.default_steps if steps is None else int(steps)
+        steps = self.default_step_count if steps is None else int(steps)
         if not 1 <= steps <= self.max_steps:
             raise InputError(f"method '{self.name}' takes 1 to {self.max_steps} steps, got {steps}")
         return steps

@@ -34,6 +34,11 @@ class RIIRMethod(LearnedIterativeMethod):
     Options = RIIROptions
     network_class, config_class = RIIRNetwork, RIIRConfig
 
+    @classmethod
+    def checkpoint_default_steps(cls, metadata: dict) -> int:
+        # the paper unrolls at inference the T steps it trained with (its Sec. 2.3): so does a checkpoint of ours
+        return int((metadata.get("architecture") or {}).get("steps", cls.default_steps))
+
     # --- inference --------------------------------------------------------------------------------------------
     def run(self, fixed, moving, steps=None, prompts: Prompts | None = None,
             init: torch.Tensor | None = None) -> Iterator[Step]:

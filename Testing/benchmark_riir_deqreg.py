@@ -113,8 +113,11 @@ def convergence_runs(args) -> dict:
     import SimpleITK as sitk
 
     torch.set_num_threads(2)
-    runs = {"riir": {"steps": 4 * 6, "options": {}}, "deqreg": {"steps": 4 * 48, "options": {"tolerance": 0.0}}}
+    trained = {name: get_method(name).create(ndim=args.ndim).default_step_count for name in ("riir", "deqreg")}
+    runs = {"riir": {"steps": 4 * trained["riir"], "options": {}},
+            "deqreg": {"steps": 4 * trained["deqreg"], "options": {"tolerance": 0.0}}}
     curves: dict = {m: {"dice": [], "folding": [], "stopped": [], "stopped_dice": []} for m in runs}
+    curves["trained"] = trained
     generate = make_pair if args.ndim == 3 else make_slice_pair
     for k in range(args.pairs):
         sample = generate(args.size, seed=args.first_seed + k)
@@ -132,7 +135,8 @@ def convergence_runs(args) -> dict:
             curves[name]["folding"].append(f)
             print(f"pair {args.first_seed + k} {name}: Dice {d[0]:.3f} -> {d[-1]:.3f} after {len(d)} steps",
                   flush=True)
-        steps = list(get_method("deqreg").create(ndim=args.ndim).run(prepared.fixed, prepared.moving, 4 * 48))
+        steps = list(get_method("deqreg").create(ndim=args.ndim).run(prepared.fixed, prepared.moving,
+                                                                     runs["deqreg"]["steps"]))
         curves["deqreg"]["stopped"].append(len(steps))
         curves["deqreg"]["stopped_dice"].append(score(steps[-1].displacement))
         curves["peak_mm"] = sample.info["magnitude_mm"]  # the generator's, as the pairs were made
@@ -141,8 +145,9 @@ def convergence_runs(args) -> dict:
 
 def convergence(args) -> str:
     curves = convergence_runs(args)
-    trained = {"riir": 6, "deqreg": 48}
-    marks = {"riir": [1, 2, 3, 4, 6, 9, 12, 18, 24], "deqreg": [1, 4, 8, 12, 24, 36, 48, 72, 96, 144, 192]}
+    trained = curves["trained"]  # RIIR: the T its checkpoint was trained with; DEQReg: its 48 iterations
+    marks = {name: sorted({1} | {round(f * t) for f in (1 / 12, 1 / 6, 1 / 4, 1 / 2, 3 / 4, 1, 1.5, 2, 3, 4)} - {0})
+             for name, t in trained.items()}  # T = 6: 1, 2, 3, 4, 6, ... 24; T = 48: 1, 4, 8, 12, 24, ... 192
     rows = []
     for name in ("riir", "deqreg"):
         dice_curve = np.mean(curves[name]["dice"], axis=0)
@@ -163,8 +168,8 @@ def convergence(args) -> str:
         f"{args.ndim} --size {args.size} --pairs {args.pairs} --first-seed {args.first_seed}`. Bundled {what[1]}; "
         f"held-out generated {what[2]} (seeds {args.first_seed}-{args.first_seed + args.pairs - 1}, peak "
         f"{curves['peak_mm']:g} mm); mean over pairs. "
-        "RIIR runs 4x its 6 trained steps; DEQReg 4x its 48 trained iterations with the tolerance set to 0 so that "
-        "it never stops early.", "", table, "",
+        f"RIIR runs 4x its {trained['riir']} trained steps; DEQReg 4x its {trained['deqreg']} trained iterations "
+        "with the tolerance set to 0 so that it never stops early.", "", table, "",
         f"With its default tolerance (relative residual 1e-3) DEQReg stopped after {np.mean(stopped):.0f} "
         f"iterations on average (per pair: {', '.join(map(str, stopped))}), at Dice "
         f"{np.mean(curves['deqreg']['stopped_dice']):.3f}."])

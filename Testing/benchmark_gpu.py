@@ -31,8 +31,9 @@ from benchmark_report import machine, markdown_table, write_section
 
 # seconds per 128^3 pair on one GPU, from the issues (6: RIIR, DEQReg; 7: IIRP-Net)
 GOALS_S = {"riir": 0.10, "deqreg": 0.30, "iirp": 0.05}
-# methods whose `predict` is their inference, so 'network' time means what the papers mean
-NETWORK_PREDICTS_INFERENCE = ("riir", "deqreg", "r2n2", "voxelmorph")
+# methods whose network forward alone (`network_only`) is their inference, so 'network' time means what the
+# papers time; IIRP's forward is RP-Net without IterStop and DIO's needs its optimisation layer
+NETWORK_IS_INFERENCE = ("riir", "deqreg", "r2n2", "voxelmorph")
 
 
 def _synchronised_seconds(device, work) -> float:
@@ -85,7 +86,7 @@ def time_method(name: str, pairs: list, device, repeats: int) -> dict:
         score = evaluation.score(result["steps"][-1].displacement.cpu())
         dice.append(score["dice_mean"])
         tre.append(score["tre_mean_mm"])
-        if name in NETWORK_PREDICTS_INFERENCE:
+        if name in NETWORK_IS_INFERENCE:
             network()  # warm-up
             network_s.append(statistics.median(_synchronised_seconds(device, network) for _ in range(repeats)))
             network_dice = evaluation.score(result["network"].cpu())["dice_mean"]
@@ -150,8 +151,8 @@ def main() -> int:
         f"{args.first_seed + args.pairs - 1}); means over pairs of the median of {args.repeats} repetitions after "
         "one warm-up run, each clock read after `torch.cuda.synchronize()`. 'run' is the method's whole run as "
         "the worker does it (every streamed step with its metrics, the field on the image grid); 'network' is "
-        "the network's prediction alone (no gradients), what the papers time, for methods whose prediction is "
-        "their inference. Peak GPU memory over the timed runs.", "",
+        "the network's forward pass alone on the method's working grid (no gradients), what the papers time, "
+        "for methods whose forward pass is their inference. Peak GPU memory over the timed runs.", "",
         table])
     print(f"wrote {write_section('gpu-times', body)}")
     return 0

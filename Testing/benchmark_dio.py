@@ -181,7 +181,8 @@ def prompts(args) -> str:
     from iterreg.sample_data import make_pair
     torch.set_num_threads(2)
     counts = (0, 1, 3, 5, 10)
-    method = get_method("dio").create(args.checkpoint, ndim=3)
+    options = {} if args.prompt_radius is None else {"prompt_radius_mm": args.prompt_radius}
+    method = get_method("dio").create(args.checkpoint, ndim=3, options=options)
     starts = ("no registration (identity)", "DIO result", "DIO result + regional failure")
     results = {(start, k): [] for start in starts for k in counts}
     correlations = []
@@ -315,6 +316,8 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--prompt-size", type=int, default=128)
     parser.add_argument("--pairs", type=int, default=4)
+    parser.add_argument("--prompt-radius", type=float, default=None, help="prompts: the prompts' reach in mm "
+                        "(default: DIO's)")
     parser.add_argument("--pairs-2d", type=int, default=6)
     parser.add_argument("--first-seed", type=int, default=200)
     parser.add_argument("--checkpoint", default=None, help="a 3D dio checkpoint (default: the bundled one)")

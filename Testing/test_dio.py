@@ -138,6 +138,21 @@ def test_a_warm_started_run_continues_from_the_given_field():
     assert float(states[0].variable.abs().max()) <= 0.5 + 1e-6  # the correction moved at most half a voxel
 
 
+def test_a_refinement_changes_the_field_only_within_the_prompts_reach():
+    """A large correction at one prompted point must not creep across the image: the refinement smooths each
+    update, not the correction it accumulates (which, re-imposed at the point every iteration, would diffuse)."""
+    shape = (64, 64)
+    flat = [torch.zeros(1, 2, *[-(-n // s) for n in shape]) for s in (2, 1)]  # features carry no signal
+    point = torch.tensor([[32.0, 32.0]])
+    prompts = FieldPrompts(point, point + torch.tensor([[6.0, 0.0]]), spacing=(1.0, 1.0), radius_mm=4.0)
+    base = torch.zeros(1, 2, *shape)
+    states = list(optimise(flat, flat, SolverSettings(iterations=(60, 60), tolerance=0), shape, prompts, base=base))
+    correction = (states[-1].displacement - base).norm(dim=1)[0]
+    assert float(correction[32, 32]) == pytest.approx(6.0, abs=0.3)  # the prompted point moved
+    distance = (torch.stack(torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")) - 32).norm(dim=0)
+    assert float(correction[distance > 16].max()) < 0.05  # four radii away: untouched
+
+
 # --- the method ----------------------------------------------------------------------------------------------
 @pytest.fixture
 def dio(tmp_path):

@@ -88,3 +88,20 @@ def test_a_coarser_acquisition_keeps_its_origin_and_its_extent_to_a_whole_coarse
         sitk.GetArrayFromImage(small_pair.moving_labels)))  # nearest neighbour: no new label values
     with pytest.raises(ValueError, match="factors >= 1"):
         on_coarser_grid(small_pair.moving, (1, 1, 0.5))
+
+
+def test_the_bundled_afids_pair_into_32_named_landmarks_inside_the_mni_template():
+    """The real-pair benchmark's landmarks (AFIDs, Resources/SampleData/afids): both files give the same 32
+    anatomical points, paired by label, and the MNI152 ones lie inside the template's brain."""
+    from iterreg.landmarks import pair_landmarks
+    from iterreg.sample_data import mni_template
+    from real_pair import FIXED_AFIDS, MOVING_AFIDS, read_afids
+    fixed, fixed_labels, names = read_afids(FIXED_AFIDS)
+    moving, moving_labels, moving_names = read_afids(MOVING_AFIDS)
+    assert len(fixed) == len(moving) == 32 and names == moving_names and names[:2] == ["AC", "PC"]
+    fixed_ras, moving_ras, _ = pair_landmarks((fixed, fixed_labels), (moving, moving_labels))
+    assert 0 < float(np.linalg.norm(fixed_ras - moving_ras, axis=1).mean()) < 10  # two brains in one space
+    t1, labels = mni_template(64)
+    geometry = Geometry.of(t1)
+    voxels = np.round(geometry.ras_to_array_index(fixed_ras)).astype(int)
+    assert (sitk.GetArrayFromImage(labels)[tuple(voxels.T)] > 0).all()

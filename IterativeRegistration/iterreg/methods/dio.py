@@ -48,7 +48,8 @@ class DIOOptions(WorkingGridOptions):
     tolerance: float = 1e-3
     patience: int = 4
     prompt_weight: float = 1.0  # 0..1: how far the features yield to the landmarks at a prompted point
-    prompt_radius_mm: float = 20.0  # how far a landmark's pull reaches (Gaussian sigma)
+    prompt_radius_mm: float = 10.0  # how far a landmark's pull reaches (Gaussian sigma); 20 mm dragged landmarks
+    # 35 mm from a large correction by ~4 mm on a real pair (Docs/benchmarks.md, real-pair)
     label_weight: float = 1.0  # weight of the label prompt (1 - Dice) next to the feature loss
     refine_scales: tuple = (2,)  # scales a warm-started run (a refinement) optimises: the prompts' pull is
     # smooth (prompt_radius_mm), so the half-resolution grid carries it at an eighth of the cost (3D)

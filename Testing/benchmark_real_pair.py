@@ -27,13 +27,11 @@ METHODS = ("identity", "classical", "voxelmorph", "riir", "deqreg", "iirp", "r2n
 
 def landmark_errors(evaluation, u) -> np.ndarray:
     """Per-landmark TRE (mm) of a displacement on the fixed grid."""
-    from iterreg.spatial import sample_displacement_at
-    points = evaluation.fixed_points
-    mapped = evaluation.geometry.array_index_to_ras((points + sample_displacement_at(u.cpu(), points)).numpy())
-    return np.linalg.norm(mapped - evaluation.moving_points_ras, axis=1)
+    return np.linalg.norm(residual_vectors(evaluation, u), axis=1)
 
 
 def residual_vectors(evaluation, u) -> np.ndarray:
+    """Each mapped fixed landmark minus its moving partner, RAS mm."""
     from iterreg.spatial import sample_displacement_at
     points = evaluation.fixed_points
     mapped = evaluation.geometry.array_index_to_ras((points + sample_displacement_at(u.cpu(), points)).numpy())

@@ -283,15 +283,20 @@ def _near_failure(evaluation, centre: int, k: int):
     return chosen, [i for i in near if i not in chosen]
 
 
-def _residual_correlation(evaluation, u) -> dict:
+def landmark_residuals(evaluation, u) -> np.ndarray:
+    """Each mapped fixed landmark ``x_f + u(x_f)`` minus its moving partner, RAS mm, ``[N, 3]``."""
     from iterreg.spatial import sample_displacement_at
     points = evaluation.fixed_points
-    ras = evaluation.geometry.array_index_to_ras(points.numpy())
-    residual = evaluation.geometry.array_index_to_ras((points + sample_displacement_at(u.cpu(), points)).numpy()) \
-        - evaluation.moving_points_ras
+    mapped = evaluation.geometry.array_index_to_ras((points + sample_displacement_at(u.cpu(), points)).numpy())
+    return mapped - evaluation.moving_points_ras
+
+
+def _residual_correlation(evaluation, u, bins=((0, 20), (20, 40), (40, 80), (80, 1000))) -> dict:
+    ras = evaluation.geometry.array_index_to_ras(evaluation.fixed_points.numpy())
+    residual = landmark_residuals(evaluation, u)
     unit = residual / np.linalg.norm(residual, axis=1, keepdims=True).clip(1e-9)
     out = {}
-    for low, high in ((0, 20), (20, 40), (40, 80), (80, 1000)):
+    for low, high in bins:
         values = [float(unit[i] @ unit[j]) for i in range(len(ras)) for j in range(i)
                   if low <= np.linalg.norm(ras[i] - ras[j]) < high]
         out[f"{low}-{high}" if high < 1000 else f">= {low}"] = (len(values), values)
@@ -305,11 +310,7 @@ def _held_out_score(evaluation, u, held_out) -> dict:
 
 
 def _tre(evaluation, u, indices) -> float:
-    from iterreg.spatial import sample_displacement_at
-    points = evaluation.fixed_points[indices]
-    mapped = points + sample_displacement_at(u.cpu(), points)
-    ras = evaluation.geometry.array_index_to_ras(mapped.numpy())
-    return float(np.linalg.norm(ras - evaluation.moving_points_ras[indices], axis=1).mean())
+    return float(np.linalg.norm(landmark_residuals(evaluation, u)[indices], axis=1).mean())
 
 
 def main() -> int:

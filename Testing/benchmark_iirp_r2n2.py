@@ -200,7 +200,6 @@ def fit_gaussians(fixed, moving, count: int, sigma_max: float, tv_weight: float,
 
 def _elastix(sample) -> dict | None:
     """itk-elastix on the pair, 2D or 3D (the all-methods tables' baseline), or None if not installed."""
-    import os
     import tempfile
     from pathlib import Path
 
@@ -209,12 +208,8 @@ def _elastix(sample) -> dict | None:
     from iterreg.sample_data import write_pair
     if not elastix_available():
         return None
-    cwd = os.getcwd()  # elastix_register changes into its output folder (transformix writes there)
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            result = elastix_register(write_pair(sample, Path(tmp) / "pair"), Path(tmp) / "elastix")
-        finally:
-            os.chdir(cwd)  # back out before the folder is removed
+    with tempfile.TemporaryDirectory() as tmp:  # elastix_register leaves the working folder as it found it
+        result = elastix_register(write_pair(sample, Path(tmp) / "pair"), Path(tmp) / "elastix")
     return {"dice": result["dice_mean"], "tre": result["tre_mean_mm"], "folding": result["folding_percent"],
             "time": result["runtime_s"]}
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmark_dio import _residual_correlation, landmark_residuals
 from benchmark_report import machine, markdown_table, write_section
 from real_pair import landmark_evaluation, mni_colin27_pair
 
@@ -27,15 +28,7 @@ METHODS = ("identity", "classical", "voxelmorph", "riir", "deqreg", "iirp", "r2n
 
 def landmark_errors(evaluation, u) -> np.ndarray:
     """Per-landmark TRE (mm) of a displacement on the fixed grid."""
-    return np.linalg.norm(residual_vectors(evaluation, u), axis=1)
-
-
-def residual_vectors(evaluation, u) -> np.ndarray:
-    """Each mapped fixed landmark minus its moving partner, RAS mm."""
-    from iterreg.spatial import sample_displacement_at
-    points = evaluation.fixed_points
-    mapped = evaluation.geometry.array_index_to_ras((points + sample_displacement_at(u.cpu(), points)).numpy())
-    return mapped - evaluation.moving_points_ras
+    return np.linalg.norm(landmark_residuals(evaluation, u), axis=1)
 
 
 def run_methods(real, pair, evaluation) -> tuple[list[list[str]], dict]:
@@ -114,15 +107,8 @@ def prompt_rows(pair, evaluation, start, draws: int, seed: int = 0):
 
 def residual_agreement(evaluation, u) -> list[list[str]]:
     """Mean cosine between two landmarks' residual vectors, by their distance: can prompts predict others?"""
-    residual = residual_vectors(evaluation, u)
-    unit = residual / np.linalg.norm(residual, axis=1, keepdims=True).clip(1e-9)
-    ras = evaluation.geometry.array_index_to_ras(evaluation.fixed_points.numpy())
-    rows = []
-    for low, high in ((0, 20), (20, 40), (40, 1000)):
-        values = [float(unit[i] @ unit[j]) for i in range(len(ras)) for j in range(i)
-                  if low <= np.linalg.norm(ras[i] - ras[j]) < high]
-        rows.append([f"{low}-{high}" if high < 1000 else f">= {low}", str(len(values)), f"{np.mean(values):.2f}"])
-    return rows
+    bins = _residual_correlation(evaluation, u, bins=((0, 20), (20, 40), (40, 1000)))
+    return [[label, str(count), f"{np.mean(values):.2f}"] for label, (count, values) in bins.items()]
 
 
 def main() -> int:
@@ -142,7 +128,7 @@ def main() -> int:
     evaluation = landmark_evaluation(real)
     method_rows, fields = run_methods(real, pair, evaluation)
     dio = fields["dio"]
-    residual = residual_vectors(evaluation, dio)
+    residual = landmark_residuals(evaluation, dio)
     shared = residual.mean(0)
     prompts = prompt_rows(pair, evaluation, dio, args.draws)
     spacing = pair.geometry.array_spacing[0]

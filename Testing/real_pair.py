@@ -29,7 +29,7 @@ from benchmark_report import ROOT
 AFIDS = ROOT / "Resources" / "SampleData" / "afids"
 FIXED_AFIDS = AFIDS / "tpl-MNI152NLin2009cSym_res-1_desc-groundtruth_afids.fcsv"
 MOVING_AFIDS = AFIDS / "tpl-MNIColin27_desc-groundtruth_afids.fcsv"
-COLIN27_ORIGIN_LPS = (90.0, 126.0, -72.0)  # MNI's Colin27 frame: voxel (0, 0, 0) at RAS (-90, -126, -72)
+COLIN27_ORIGIN_RAS = (-90.0, -126.0, -72.0)  # MNI's Colin27 frame: where voxel (0, 0, 0) lies
 SYSTEM_COLIN27 = Path("/usr/share/mricron/templates/ch2bet.nii.gz")
 CACHE = Path.home() / ".cache" / "iterreg" / "mricron-data"
 
@@ -86,11 +86,12 @@ def read_afids(path: Path) -> tuple[np.ndarray, list[str], list[str]]:
 def mni_colin27_pair(size: int = 128, colin27: str | None = None) -> RealPair:
     import SimpleITK as sitk
 
+    from iterreg.geometry import LPS_TO_RAS_3D
     from iterreg.landmarks import pair_landmarks
     from iterreg.sample_data import mni_template
     fixed, _ = mni_template(size)
     moving = sitk.ReadImage(str(colin27_path(colin27)), sitk.sitkFloat32)
-    moving.SetOrigin(COLIN27_ORIGIN_LPS)
+    moving.SetOrigin(tuple(float(v) for v in LPS_TO_RAS_3D @ np.array(COLIN27_ORIGIN_RAS)))  # ITK origins are LPS
     fixed_points, fixed_labels, names = read_afids(FIXED_AFIDS)
     moving_points, moving_labels, _ = read_afids(MOVING_AFIDS)
     fixed_ras, moving_ras, labels = pair_landmarks((fixed_points, fixed_labels), (moving_points, moving_labels))

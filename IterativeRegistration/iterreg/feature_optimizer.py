@@ -86,7 +86,8 @@ class FieldPrompts:
     moving_points: torch.Tensor | None = None  # same grid: where each fixed point should map to
     spacing: Sequence[float] | None = None  # mm per array axis of the image grid
     weight: float = 1.0  # 0..1: how far the features yield to a landmark at its point
-    radius_mm: float = 20.0  # reach of a landmark's pull (Gaussian sigma, mm)
+    radius_mm: float = 10.0  # reach of a landmark's pull (Gaussian sigma, mm); the DIO method passes its
+    # prompt_radius_mm option (same default), so this only serves direct users of the layer
     fixed_labels: torch.Tensor | None = None  # [1, 1, *image grid] integer label maps
     moving_labels: torch.Tensor | None = None
     label_weight: float = 1.0

@@ -182,6 +182,8 @@ def prompts(args) -> str:
     torch.set_num_threads(2)
     counts = (0, 1, 3, 5, 10)
     options = {} if args.prompt_radius is None else {"prompt_radius_mm": args.prompt_radius}
+    if args.prompt_max_radius is not None:
+        options["prompt_max_radius_mm"] = args.prompt_max_radius
     method = get_method("dio").create(args.checkpoint, ndim=3, options=options)
     starts = ("no registration (identity)", "DIO result", "DIO result + regional failure")
     results = {(start, k): [] for start in starts for k in counts}
@@ -238,7 +240,11 @@ def prompts(args) -> str:
         "each: the first k are the prompts, the last 10 are never prompted and score the refinement (held-out TRE). "
         "A refinement continues a starting field (`init`) at scale 2 of the working grid (64^3 -> 32^3) with the "
         f"prompt options weight {method.options.prompt_weight:g}, radius {method.options.prompt_radius_mm:g} mm"
-        f"{'' if args.prompt_radius is None else ' (--prompt-radius)'}; k = 0 is the same refinement without "
+        f"{'' if args.prompt_radius is None else ' (--prompt-radius)'}"
+        + ("" if args.prompt_max_radius is None else
+           f", reach adapting up to {args.prompt_max_radius:g} mm where the prompts' residuals agree (the opt-in "
+           "option prompt_max_radius_mm)")
+        + "; k = 0 is the same refinement without "
         "prompts, so the prompts' own share is the difference to that row. Time = the method's refinement run, "
         "CPU, 2 threads, "
         "after one warm-up run (feature extraction of both images, optimisation, and every streamed step's "
@@ -321,6 +327,8 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--prompt-radius", type=float, default=None, help="prompts: the prompts' reach in mm "
                         "(default: DIO's)")
+    parser.add_argument("--prompt-max-radius", type=float, default=None, help="prompts: let the reach adapt up "
+                        "to this many mm (DIO's opt-in prompt_max_radius_mm)")
     parser.add_argument("--pairs-2d", type=int, default=6)
     parser.add_argument("--first-seed", type=int, default=200)
     parser.add_argument("--checkpoint", default=None, help="a 3D dio checkpoint (default: the bundled one)")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from iterreg.errors import InputError
-from iterreg.feature_optimizer import FieldPrompts, SolverSettings, optimise
+from iterreg.feature_optimizer import FieldPrompts, SolverSettings, optimise, prompt_reach_mm
 from iterreg.methods import Prompts, get_method
 from iterreg.metrics import folding_percent
 from iterreg.networks.dio import DIOConfig, FeatureNetwork
@@ -153,6 +153,41 @@ def test_a_refinement_changes_the_field_only_within_the_prompts_reach():
     assert float(correction[distance > 16].max()) < 0.05  # four radii away: untouched
 
 
+def test_prompts_whose_residuals_agree_reach_further_than_prompts_whose_residuals_disagree():
+    """The reach adapts to the prompts: a region off the same way (residuals that agree) moves as a whole; local
+    errors that disagree (or too few prompts to tell) keep the short reach, so nothing else moves."""
+    points = torch.tensor([[0.0, 0.0], [20.0, 5.0], [5.0, 25.0], [30.0, 30.0], [15.0, 15.0]])
+    same_way = torch.tensor([[2.0, -1.0]]).repeat(5, 1) + 0.1 * torch.randn(5, 2, generator=torch.Generator()
+                                                                          .manual_seed(0))
+    every_way = torch.tensor([[2.0, 0.0], [-2.0, 0.5], [0.0, 2.0], [0.5, -2.0], [-1.5, -1.5]])
+    assert prompt_reach_mm(points, same_way, 10.0, 40.0) == pytest.approx(40.0)
+    assert prompt_reach_mm(points, every_way, 10.0, 40.0) == pytest.approx(10.0)
+    assert prompt_reach_mm(points[:2], same_way[:2], 10.0, 40.0) == 10.0  # two prompts cannot tell
+    assert prompt_reach_mm(points, same_way, 10.0, 10.0) == 10.0  # a fixed reach stays fixed
+
+
+def test_a_refinement_with_agreeing_prompts_moves_the_points_between_them():
+    """Three prompts off by the same vector: a point between them, never prompted, follows them when the reach
+    may adapt, and stays nearly where it was with the fixed short reach."""
+    shape = (64, 64)
+    flat = [torch.zeros(1, 2, *[-(-n // s) for n in shape]) for s in (2, 1)]
+    fixed_points = torch.tensor([[20.0, 20.0], [20.0, 44.0], [44.0, 32.0]])
+    shift = torch.tensor([[3.0, 0.0]])
+    base = torch.zeros(1, 2, *shape)
+    between = torch.tensor([[28.0, 32.0]])
+    from iterreg.spatial import sample_displacement_at
+    moved = {}
+    for longest in (4.0, 32.0):
+        prompts = FieldPrompts(fixed_points, fixed_points + shift, spacing=(1.0, 1.0), radius_mm=4.0,
+                               max_radius_mm=longest)
+        states = list(optimise(flat, flat, SolverSettings(iterations=(60, 60), tolerance=0), shape, prompts,
+                               base=base))
+        assert states[-1].prompt_distance_mm < 0.3
+        moved[longest] = float(sample_displacement_at(states[-1].displacement, between)[0, 0])
+        assert states[-1].prompt_reach_mm == pytest.approx(longest if longest > 4 else 4.0, rel=0.3)
+    assert moved[4.0] < 0.5 and moved[32.0] > 2.0
+
+
 # --- the method ----------------------------------------------------------------------------------------------
 @pytest.fixture
 def dio(tmp_path):
@@ -188,6 +223,7 @@ def test_the_method_refines_a_previous_result_with_landmark_prompts(dio):
     assert refined[0].metrics["scale"] == 2  # refinement works at refine_scales only
     distances = [s.metrics["prompt_distance_mm"] for s in refined]
     assert distances[-1] < 0.3 * distances[0]
+    assert refined[-1].metrics["prompt_reach_mm"] == 5.0  # the reach is fixed unless prompt_max_radius_mm is set
     assert float((refined[0].displacement - first).abs().mean()) < 0.3 < float(first.abs().mean())  # from there
 
 
@@ -269,6 +305,10 @@ def test_bad_options_are_refused(dio):
         get_method("dio").create(dio, options={"representation": "bspline"})
     with pytest.raises(InputError, match="own_grid_voxels must be 'working' or 'acquired'"):
         get_method("dio").create(dio, options={"own_grid_voxels": "isotropic"})
+    with pytest.raises(InputError, match=r"prompt_max_radius_mm \(5\) must be at least prompt_radius_mm \(10\)"):
+        get_method("dio").create(dio, options={"prompt_max_radius_mm": 5.0})
+    with pytest.raises(InputError, match="prompt_max_radius_mm must be a number"):
+        get_method("dio").create(dio, options={"prompt_max_radius_mm": "wide"})
     fixed, moving = pair(2)
     with pytest.raises(InputError, match="refine_scales"):
         next(get_method("dio").create(dio, options={"refine_scales": [3]}).run(

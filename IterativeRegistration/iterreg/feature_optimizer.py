@@ -22,12 +22,14 @@ Prompts (ours; the paper names them, the public code has none) join the objectiv
   partner. Its gradient lives on the 2^n voxels around each point, which Adam's per-voxel normalisation would
   turn into spikes (folding); so, as the feature gradient is smoothed by a Gaussian, the landmark term takes a
   kernel (Gauss-Newton in a Gaussian RKHS of ``radius_mm``) step: the smooth field that moves every prompted
-  point by about half its residual, capped at ``max_prompt_step`` voxels. Near a prompted point (a Gaussian of a
-  quarter of the radius, at least a voxel) the features' own step is scaled by ``1 - weight * kernel`` (``weight`` <= 1), so at
-  weight 1 the prompts win where they are and the features rule away from them; residuals shrink by ~0.6 per
-  iteration. A warm-started run with landmarks (a refinement) is local: the features act only where the points
-  reach, so the previous result stays as it was away from the prompts; and it smooths each update instead of
-  the accumulated correction, which would otherwise diffuse the pull far beyond its reach (:func:`_apply`).
+  point by about half its residual, capped at ``max_prompt_step`` voxels. Opt-in, the pull's reach adapts to
+  the prompts (:func:`prompt_reach_mm`, up to ``max_radius_mm``): wide where their residuals agree. Near a prompted
+  point (a Gaussian of a quarter of ``radius_mm``, at least a voxel) the features' own step is scaled by
+  ``1 - weight * kernel`` (``weight`` <= 1), so at weight 1 the prompts win where they are and the features rule
+  away from them; residuals shrink by ~0.6 per iteration. A warm-started run with landmarks (a refinement) is
+  local: the features act only within ``radius_mm`` of the points, so the previous result stays as it was away
+  from the prompts; and it smooths each update instead of the accumulated correction, which would otherwise
+  diffuse the pull far beyond its reach (:func:`_apply`).
 - label maps: ``label_weight * (1 - mean soft Dice)`` of the warped moving labels, inside the Adam objective.
 
 Training (paper §3.2, Jacobian-free backprop): the optimum is found without gradients, then ``jfb_steps``
@@ -49,9 +51,10 @@ from .spatial import compose, gaussian_smooth, identity_grid, integrate_velocity
     rescale_voxel_points, resize_displacement, resize_image, sample_displacement_at, vector_length, warp
 
 __all__ = ["REPRESENTATIONS", "SolverSettings", "FieldPrompts", "SolverState", "optimise", "differentiable_steps",
-           "combine", "to_displacement", "feature_loss"]
+           "combine", "to_displacement", "feature_loss", "prompt_reach_mm"]
 
 REPRESENTATIONS = ("freeform", "diffeomorphic", "svf")
+PULL_RIDGE = 0.25  # the landmark pull's ridge (kernel units): its interpolation's noise, also in prompt_reach_mm
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,8 @@ class FieldPrompts:
     weight: float = 1.0  # 0..1: how far the features yield to a landmark at its point
     radius_mm: float = 10.0  # reach of a landmark's pull (Gaussian sigma, mm); the DIO method passes its
     # prompt_radius_mm option (same default), so this only serves direct users of the layer
+    max_radius_mm: float | None = None  # if larger than radius_mm, the reach adapts to the prompts'
+    # residuals, between the two (:func:`prompt_reach_mm`); None keeps radius_mm
     fixed_labels: torch.Tensor | None = None  # [1, 1, *image grid] integer label maps
     moving_labels: torch.Tensor | None = None
     label_weight: float = 1.0
@@ -116,6 +121,7 @@ class SolverState:
     warped_features: torch.Tensor  # the moving features warped by the field (visualisation)
     last_at_scale: bool = False
     converged: bool = False
+    prompt_reach_mm: float = math.nan  # the landmark pull's reach this run (nan without landmarks)
 
 
 def to_displacement(variable: torch.Tensor, representation: str, squarings: int = 6) -> torch.Tensor:
@@ -158,6 +164,39 @@ def _normalised(direction: torch.Tensor, learning_rate: float) -> torch.Tensor:
     return direction * (-0.5 * learning_rate / longest).view(-1, *[1] * (direction.dim() - 1))
 
 
+def prompt_reach_mm(points_mm: torch.Tensor, residuals_mm: torch.Tensor, shortest: float, longest: float,
+                    ridge: float = PULL_RIDGE, evidence: float = 1.0) -> float:
+    """How far the prompts' pull should reach: the Gaussian width (mm) under which the prompts' own residuals
+    (``[N, ndim]``, at the field the run starts from) are most likely, as a Gaussian process with that kernel and
+    the pull's ridge as noise (type-II maximum likelihood over a grid from ``shortest`` to ``longest``, each
+    component independent, the signal variance profiled out). Residuals that agree between prompts (a region,
+    or the whole image, off the same way) give a wide reach, so the points between the prompts move with them;
+    residuals that disagree (local errors, an anatomical variant) keep it short, so nothing else moves. A wider
+    reach must beat the shortest by ``evidence`` (log-likelihood, nats; 1 is Kass and Raftery's 'positive'):
+    a few ~1 mm errors agree by chance often enough to gain a fraction of a nat (measured on DIO's results,
+    Docs/methods.md), and spreading them would cost Dice. Fewer than 3 prompts cannot tell: ``shortest``."""
+    n, ndim = residuals_mm.shape
+    if n < 3 or longest <= shortest:
+        return float(shortest)
+    points, residuals = points_mm.double(), residuals_mm.double()
+    d2 = ((points[None] - points[:, None]) ** 2).sum(-1)
+    identity = torch.eye(n, dtype=torch.float64)
+    best, best_reach, at_shortest = -math.inf, float(shortest), None
+    reach = float(shortest)
+    while reach <= longest * (1 + 1e-9):
+        covariance = torch.exp(-d2 / (2 * reach ** 2)) + ridge * identity
+        chol = torch.linalg.cholesky(covariance)
+        explained = torch.cholesky_solve(residuals, chol)
+        signal = float((residuals * explained).sum()) / (n * ndim)
+        log_det = 2 * float(torch.log(torch.diagonal(chol)).sum())
+        likelihood = -0.5 * n * ndim * math.log(max(signal, 1e-12)) - 0.5 * ndim * log_det
+        at_shortest = likelihood if at_shortest is None else at_shortest
+        if likelihood > best + 1e-9:
+            best, best_reach = likelihood, reach
+        reach *= math.sqrt(2)
+    return best_reach if best >= at_shortest + evidence else float(shortest)
+
+
 class _LandmarkPull:
     """The landmark term at one scale: its residuals, its kernel step, and where it outweighs the features.
 
@@ -167,7 +206,8 @@ class _LandmarkPull:
     give every point the mean residual). The ridge term keeps close points from producing large, alternating
     coefficients that would swing the field far from the points (ill-conditioned Gaussian RBF)."""
 
-    def __init__(self, prompts: FieldPrompts, image_shape, shape, device, max_step: float, local: bool = False):
+    def __init__(self, prompts: FieldPrompts, image_shape, shape, device, max_step: float, local: bool = False,
+                 pull_radius_mm: float | None = None):
         self.fixed = rescale_voxel_points(prompts.fixed_points.to(device, torch.float32), image_shape, shape)
         self.moving = rescale_voxel_points(prompts.moving_points.to(device, torch.float32), image_shape, shape)
         spacing = [1.0] * len(shape) if prompts.spacing is None else list(prompts.spacing)
@@ -176,17 +216,20 @@ class _LandmarkPull:
         self.trust = min(1.0, max(0.0, prompts.weight))  # how far the features yield at a prompted point
         self.max_step = max_step
         coords = identity_grid(shape, device)[0].flatten(1).T  # [V, ndim] voxels
-        sigma2 = 2.0 * prompts.radius_mm ** 2
+        # the pull interpolates the residuals over its (possibly adapted) reach; the features yield and, in a
+        # refinement, work only within the short radius: re-optimising a converged result over a wide region
+        # makes it worse (Docs/methods.md)
+        sigma2 = 2.0 * (pull_radius_mm or prompts.radius_mm) ** 2
         d2 = (((coords[None] - self.fixed[:, None]) * self.spacing) ** 2).sum(-1)  # [N, V] mm^2
         self.kernel = torch.exp(-d2 / sigma2).reshape(len(self.fixed), *shape)
+        self.reach = torch.exp(-d2 / (2.0 * prompts.radius_mm ** 2)).amax(0).reshape(1, 1, *shape)  # 1 at a point
         # where the points outweigh the features: a Gaussian of a quarter of the radius, but never narrower than
         # a voxel of this scale (else it would fall between the grid nodes around the point)
         inner2 = 2.0 * max(prompts.radius_mm / 4, float(self.spacing.max())) ** 2
         self.influence = torch.exp(-d2 / inner2).amax(0).reshape(1, 1, *shape)
         between = (((self.fixed[None] - self.fixed[:, None]) * self.spacing) ** 2).sum(-1)
-        self.solve = torch.linalg.inv(torch.exp(-between / sigma2) + 0.25 * torch.eye(len(self.fixed),
-                                                                                     device=device))
-        self.reach = self.kernel.amax(0)[None, None]  # where the points reach: 1 at a point
+        self.solve = torch.linalg.inv(torch.exp(-between / sigma2) + PULL_RIDGE * torch.eye(len(self.fixed),
+                                                                                           device=device))
         self.local = local
 
     def residual(self, displacement: torch.Tensor) -> torch.Tensor:
@@ -221,6 +264,17 @@ def _soft_dice_loss(fixed_masks: torch.Tensor, warped_masks: torch.Tensor) -> to
     return 1 - (overlap / total.clamp_min(1e-6)).mean()
 
 
+def _starting_reach(prompts: FieldPrompts, base: torch.Tensor | None) -> float:
+    """The pull's reach for this run, from the prompts' residuals at the field it starts from."""
+    if prompts.max_radius_mm is None or prompts.max_radius_mm <= prompts.radius_mm:
+        return prompts.radius_mm
+    fixed = prompts.fixed_points.to(torch.float32)
+    spacing = torch.tensor([1.0] * fixed.shape[1] if prompts.spacing is None else list(prompts.spacing))
+    start = fixed if base is None else fixed + sample_displacement_at(base.detach().cpu().float(), fixed)
+    residuals = (start - prompts.moving_points.to(torch.float32)) * spacing
+    return prompt_reach_mm(fixed * spacing, residuals, prompts.radius_mm, prompts.max_radius_mm)
+
+
 def optimise(fixed_features: list[torch.Tensor], moving_features: list[torch.Tensor], settings: SolverSettings,
              image_shape: Sequence[int], prompts: FieldPrompts | None = None,
              base: torch.Tensor | None = None, scales: Sequence[int] | None = None) -> Iterator[SolverState]:
@@ -232,6 +286,7 @@ def optimise(fixed_features: list[torch.Tensor], moving_features: list[torch.Ten
         raise ValueError(f"{len(settings.iterations)} iteration counts for {len(fixed_features)} scales")
     image_shape = tuple(int(n) for n in image_shape)
     rep = settings.representation
+    reach = _starting_reach(prompts, base) if prompts is not None and prompts.has_points else math.nan
     variable = moment1 = moment2 = None
     step_count = 0
     for k, (fixed_f, moving_f, count) in enumerate(zip(fixed_features, moving_features, settings.iterations)):
@@ -245,8 +300,10 @@ def optimise(fixed_features: list[torch.Tensor], moving_features: list[torch.Ten
             variable = resize_displacement(variable, shape)
             moment1, moment2 = resize_image(moment1, shape), resize_image(moment2, shape)
         base_s = None if base is None else resize_displacement(base, shape)
-        pull = _LandmarkPull(prompts, image_shape, shape, fixed_f.device, settings.max_prompt_step,
-                             local=base is not None) if prompts is not None and prompts.has_points else None
+        pull = None
+        if prompts is not None and prompts.has_points:
+            pull = _LandmarkPull(prompts, image_shape, shape, fixed_f.device, settings.max_prompt_step,
+                                 local=base is not None, pull_radius_mm=reach)
         labels = None
         if prompts is not None and prompts.has_labels:
             values = torch.unique(prompts.fixed_labels)
@@ -301,7 +358,7 @@ def optimise(fixed_features: list[torch.Tensor], moving_features: list[torch.Ten
                 last = converged or iteration == int(count)
                 total = combine(to_displacement(variable, rep, settings.squarings), base_s, rep)
             yield SolverState(scale, k, iteration, variable, total, float(loss.detach()), distance, label_loss,
-                              warped.detach(), last_at_scale=last, converged=converged)
+                              warped.detach(), last_at_scale=last, converged=converged, prompt_reach_mm=reach)
             if converged:
                 break
 

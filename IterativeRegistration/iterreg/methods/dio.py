@@ -4,7 +4,8 @@ The feature network (:mod:`iterreg.networks.dio`) sees each image alone; the opt
 (:mod:`iterreg.feature_optimizer`) registers the moving features to the fixed ones coarse to fine. Every
 optimizer iteration is one streamed step: metrics ``scale`` (4, 2, 1: the feature scale of the working grid),
 ``iteration`` (within the scale), ``feature_loss``, ``prompt_distance_mm`` (mean distance of the prompted
-landmark pairs, when given), ``label_loss`` (1 - Dice of the prompted labels, when given) and the standard ones;
+landmark pairs, when given), ``prompt_reach_mm`` (how far their pull reaches in this run), ``label_loss``
+(1 - Dice of the prompted labels, when given) and the standard ones;
 channels ``fixed_features`` and ``warped_moving_features`` (the scale's feature images) and
 ``feature_difference`` (their squared difference summed over channels: where the optimizer still works).
 
@@ -50,6 +51,9 @@ class DIOOptions(WorkingGridOptions):
     prompt_weight: float = 1.0  # 0..1: how far the features yield to the landmarks at a prompted point
     prompt_radius_mm: float = 10.0  # how far a landmark's pull reaches (Gaussian sigma); 20 mm dragged landmarks
     # 35 mm from a large correction by ~4 mm on a real pair (Docs/benchmarks.md, real-pair)
+    prompt_max_radius_mm: float | None = None  # opt-in: let the reach grow up to this (e.g. 40) when the prompts'
+    # residuals agree (a region off the same way; feature_optimizer.prompt_reach_mm). Not the default: on the
+    # real pair, random prompt sets holding two agreeing outliers spread their correction (Docs/benchmarks.md)
     label_weight: float = 1.0  # weight of the label prompt (1 - Dice) next to the feature loss
     refine_scales: tuple = (2,)  # scales a warm-started run (a refinement) optimises: the prompts' pull is
     # smooth (prompt_radius_mm), so the half-resolution grid carries it at an eighth of the cost (3D)
@@ -73,6 +77,12 @@ class DIOOptions(WorkingGridOptions):
             raise InputError(str(exc)) from None
         if self.prompt_weight < 0 or self.prompt_radius_mm <= 0 or self.label_weight < 0:
             raise InputError("prompt_weight and label_weight must be >= 0 and prompt_radius_mm > 0")
+        if self.prompt_max_radius_mm is not None and (isinstance(self.prompt_max_radius_mm, bool) or
+                                                      not isinstance(self.prompt_max_radius_mm, (int, float))):
+            raise InputError(f"option prompt_max_radius_mm must be a number (mm), got {self.prompt_max_radius_mm!r}")
+        if self.prompt_max_radius_mm is not None and self.prompt_max_radius_mm < self.prompt_radius_mm:
+            raise InputError(f"prompt_max_radius_mm ({self.prompt_max_radius_mm:g}) must be at least "
+                             f"prompt_radius_mm ({self.prompt_radius_mm:g}); leave it unset for a fixed reach")
         if not self.refine_scales:
             raise InputError("refine_scales needs at least one feature scale")
         if self.own_grid_voxels not in OWN_GRID_VOXELS:
@@ -155,7 +165,8 @@ class DIOMethod(LearnedIterativeMethod):
                           moving_labels=_nearest(prompts.moving_labels, grid.shape),
                           label_weight=self.options.label_weight)
         return FieldPrompts(weight=prompts.weight * self.options.prompt_weight,
-                            radius_mm=self.options.prompt_radius_mm, **points, **labels)
+                            radius_mm=self.options.prompt_radius_mm,
+                            max_radius_mm=self.options.prompt_max_radius_mm, **points, **labels)
 
     @staticmethod
     def _scales_that_fit(scales: list[int], shape) -> list[int]:
@@ -234,6 +245,7 @@ class DIOMethod(LearnedIterativeMethod):
                                feature_loss=state.feature_loss)
                 if field_prompts is not None and field_prompts.has_points:
                     metrics["prompt_distance_mm"] = state.prompt_distance_mm
+                    metrics["prompt_reach_mm"] = state.prompt_reach_mm
                 if field_prompts is not None and field_prompts.has_labels:
                     metrics["label_loss"] = state.label_loss
                 difference = ((state.warped_features - fixed_features[k]) ** 2).sum(1)

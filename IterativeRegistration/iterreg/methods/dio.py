@@ -53,7 +53,8 @@ class DIOOptions(WorkingGridOptions):
     # 35 mm from a large correction by ~4 mm on a real pair (Docs/benchmarks.md, real-pair)
     prompt_max_radius_mm: float | None = None  # opt-in: let the reach grow up to this (e.g. 40) when the prompts'
     # residuals agree (a region off the same way; feature_optimizer.prompt_reach_mm). Not the default: on the
-    # real pair, random prompt sets holding two agreeing outliers spread their correction (Docs/benchmarks.md)
+    # real pair, prompt sets holding two agreeing outliers (DIO's 5 worst AFIDs) spread their correction over
+    # the brain (Docs/methods.md)
     label_weight: float = 1.0  # weight of the label prompt (1 - Dice) next to the feature loss
     refine_scales: tuple = (2,)  # scales a warm-started run (a refinement) optimises: the prompts' pull is
     # smooth (prompt_radius_mm), so the half-resolution grid carries it at an eighth of the cost (3D)

@@ -76,6 +76,20 @@ def test_slice_pairs_and_series_are_2d():
     assert after > before + 0.05
 
 
+def test_a_local_motion_moves_one_region_and_its_landmarks_lie_there():
+    pair = make_slice_pair(size=64, seed=3, magnitude_mm=6.0, region_mm=12.0)
+    spacing = pair.fixed.GetSpacing()[0]
+    truth_mm = np.linalg.norm(pair.ground_truth, axis=0) * spacing
+    centre = np.array(pair.info["region_centre_index"])
+    distance_mm = np.linalg.norm(np.indices(truth_mm.shape) - centre[:, None, None], axis=0) * spacing
+    assert truth_mm.max() == pytest.approx(6.0, rel=0.02)
+    assert truth_mm[distance_mm > 4 * 12.0].max() < 0.05  # still far away (the window is 12 mm wide)
+    landmark_voxels = pair.geometry.ras_to_array_index(pair.fixed_landmarks_ras[:, :2])
+    assert np.linalg.norm(landmark_voxels - centre, axis=1).max() * spacing < 1.2 * 12.0  # window > 0.5
+    # the default pair is the global one, as before
+    assert "region_mm" not in make_slice_pair(size=64, seed=3).info
+
+
 def test_a_coarser_acquisition_keeps_its_origin_and_its_extent_to_a_whole_coarse_voxel(small_pair):
     from iterreg.sample_data import on_coarser_grid
     thick = on_coarser_grid(small_pair.moving, (1, 1, 3))

@@ -102,6 +102,20 @@ def test_synthetic_pairs_are_real_anatomy_on_the_training_grid():
         SyntheticSource((32, 32, 48))
 
 
+def test_synthetic_local_motion_pairs_differ_only_in_one_region():
+    from iterreg_train.datasets import SyntheticSource
+    source = SyntheticSource((48, 48), subjects=2, validation_pairs=1, region_mm=10.0)
+    pair = source.train_pair(np.random.default_rng(0))
+    changed = (pair.fixed - pair.moving).abs()[0] > 0.05
+    assert pair.fixed.shape == (1, 48, 48) and 0 < changed.float().mean() < 0.1  # a local motion, not the slice
+    validation = source.validation_pairs()[0]
+    assert validation.fixed_points.shape[1] == 2 and len(validation.fixed_points) >= 3  # as many as the region holds
+    assert validation.fixed_labels is None  # chosen on TRE: the labels' overlap barely changes
+    assert source.summary()["region_mm"] == 10.0
+    with pytest.raises(InputError, match="region_mm .* is for 2D"):
+        SyntheticSource((32, 32, 32), region_mm=10.0)
+
+
 def test_a_folder_of_images_with_labels(image_folder):
     from iterreg_train.datasets import FolderSource
     source = FolderSource(image_folder, (16, 16, 16))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -124,17 +125,21 @@ def _intensity_change(image: torch.Tensor, generator: torch.Generator) -> tuple[
 
 
 def _choose_landmarks(fixed: torch.Tensor, labels: torch.Tensor, count: int, generator: torch.Generator,
-                      border: int) -> torch.Tensor:
-    """Distinctive points: inside the brain, high gradient magnitude, spread out (greedy min-distance)."""
+                      border: int, within: torch.Tensor | None = None) -> torch.Tensor:
+    """Distinctive points: inside the brain (and ``within``, a boolean mask, if given), high gradient magnitude,
+    spread out (greedy min-distance)."""
     nd = fixed.dim() - 2
     grads = torch.gradient(gaussian_smooth(fixed, 1.0)[0, 0])
     strength = torch.sqrt(sum(g ** 2 for g in grads))
     mask = labels[0, 0] > 0
+    if within is not None:
+        mask = mask & within
     inner = torch.zeros_like(mask)
     inner[tuple(slice(border, n - border) for n in mask.shape)] = True
     candidates = torch.nonzero(mask & inner & (strength >= torch.quantile(strength[mask], 0.8)))
     order = torch.randperm(len(candidates), generator=generator)
-    min_dist = max(fixed.shape[2:]) / (2.0 * count ** (1 / nd))
+    extent = max(fixed.shape[2:]) if within is None else float(within.sum()) ** (1 / nd)
+    min_dist = extent / (2.0 * count ** (1 / nd))
     chosen: list[torch.Tensor] = []
     for i in order.tolist():
         c = candidates[i].float()
@@ -149,13 +154,35 @@ def _to_image(array: np.ndarray, geometry: Geometry, pixel) -> sitk.Image:
     return geometry.apply_to(sitk.Cast(sitk.GetImageFromArray(array), pixel))
 
 
+def _local_window(labels: torch.Tensor, spacing: float, region_mm: float, generator: torch.Generator):
+    """A Gaussian window (``[1, 1, *shape]``, 1 at its centre) of width ``region_mm`` around a random point of the
+    brain at least two widths from the image border: where a local motion happens (a heart in a still chest)."""
+    shape = labels.shape[2:]
+    margin = int(math.ceil(2 * region_mm / spacing))
+    inside = torch.zeros(shape, dtype=torch.bool)
+    inside[tuple(slice(margin, n - margin) for n in shape)] = True
+    candidates = torch.nonzero((labels[0, 0] > 0) & inside)
+    if len(candidates) == 0:
+        raise ValueError(f"region_mm {region_mm} is too wide for this image: no brain point is two widths "
+                         "inside the border")
+    centre = candidates[int(torch.randint(len(candidates), (1,), generator=generator))].float()
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij"))
+    d2 = ((grid - centre.view(-1, *[1] * len(shape))) ** 2).sum(0) * spacing ** 2
+    return torch.exp(-d2 / (2 * region_mm ** 2))[None, None], centre
+
+
 def _deformed_pair(template: torch.Tensor, labels: torch.Tensor, geometry: Geometry, seed: int,
-                   magnitude_mm: float, intensity_change: bool, n_landmarks: int) -> SamplePair:
+                   magnitude_mm: float, intensity_change: bool, n_landmarks: int,
+                   region_mm: float | None = None) -> SamplePair:
     generator = torch.Generator().manual_seed(seed)
     shape = template.shape[2:]
     spacing = min(geometry.spacing)
     v_a = random_velocity(shape, 1.0, generator)
     v_b = random_velocity(shape, 1.0, generator)
+    window = None
+    if region_mm is not None:  # both fields confined to one region: the relative motion is local
+        window, centre = _local_window(labels, spacing, region_mm, generator)
+        v_a, v_b = v_a * window, v_b * window
     # Scale both velocities together until the ground-truth field peaks at the requested magnitude.
     for _ in range(4):
         peak_mm = float(compose(integrate_velocity(-v_b), integrate_velocity(v_a)).norm(dim=1).max()) * spacing
@@ -165,13 +192,17 @@ def _deformed_pair(template: torch.Tensor, labels: torch.Tensor, geometry: Geome
     fixed = warp(template, phi_a)
     moving = warp(template, phi_b)
     info = {"seed": seed, "magnitude_mm": magnitude_mm}
+    if region_mm is not None:
+        info.update(region_mm=region_mm, region_centre_index=centre.tolist())
     if intensity_change:
         moving, change = _intensity_change(moving, generator)
         info["intensity_change"] = change
     truth = compose(phi_b_inv, phi_a)
     fixed_labels, moving_labels = warp_labels(labels, phi_a), warp_labels(labels, phi_b)
     border = max(2, min(shape) // 10)
-    pts = _choose_landmarks(fixed, fixed_labels, n_landmarks, generator, border)
+    # with a local motion the landmarks sample the moving region (elsewhere every method is exact)
+    pts = _choose_landmarks(fixed, fixed_labels, n_landmarks, generator, border,
+                            None if window is None else window[0, 0] > 0.5)
     moved = pts + sample_displacement_at(truth, pts)
     truth_mm = truth.norm(dim=1) * spacing
     info.update(ground_truth_max_mm=float(truth_mm.max()),
@@ -255,10 +286,13 @@ def _axial_slice(size: int) -> tuple[torch.Tensor, torch.Tensor, Geometry]:
 
 
 def make_slice_pair(size: int = 128, seed: int = 0, magnitude_mm: float = 8.0, intensity_change: bool = False,
-                    n_landmarks: int = 12) -> SamplePair:
-    """A 2D pair: an axial MNI slice deformed by two known 2D fields (for 2D methods such as R2N2)."""
+                    n_landmarks: int = 12, region_mm: float | None = None) -> SamplePair:
+    """A 2D pair: an axial MNI slice deformed by two known 2D fields (for 2D methods such as R2N2). With
+    ``region_mm`` the fields are confined to a Gaussian window of that width around a random point of the brain
+    (a local motion, as in R2N2's cine data) and the landmarks lie where it moves (window > 0.5)."""
     template, labels, geometry = _axial_slice(size)
-    return _deformed_pair(template, labels, geometry, seed, magnitude_mm, intensity_change, n_landmarks)
+    return _deformed_pair(template, labels, geometry, seed, magnitude_mm, intensity_change, n_landmarks,
+                          region_mm)
 
 
 def make_series(size: int = 128, frames: int = 10, seed: int = 0, magnitude_mm: float = 6.0) -> dict:

@@ -226,15 +226,21 @@ class FolderSource(PairSource):
 class SyntheticSource(PairSource):
     TRAIN_SEED0, VALIDATION_SEED0 = 10_000, 100  # disjoint from the bundled pair (seed 0)
 
-    def __init__(self, shape, subjects: int = 64, validation_pairs: int = 4, magnitude_mm: float = 6.0):
+    def __init__(self, shape, subjects: int = 64, validation_pairs: int = 4, magnitude_mm: float = 6.0,
+                 region_mm: float | None = None):
         super().__init__(shape)
         if len(set(self.shape)) != 1:
             raise InputError(f"synthetic data is generated on cubes or squares (axial slices); set data.shape to "
                              f"[n, n, n] or [n, n], got {list(self.shape)}")
         if subjects < 2 or validation_pairs < 1:
             raise InputError("synthetic data needs at least 2 subjects and 1 validation pair")
+        if region_mm is not None and (len(self.shape) != 2 or not region_mm > 0):
+            raise InputError(f"data.region_mm (a local motion) is for 2D slices and must be > 0 mm, got {region_mm} "
+                             f"with data.shape {list(self.shape)}; set it to null for whole-image deformations")
         self.subjects, self.n_validation, self.magnitude_mm = subjects, validation_pairs, magnitude_mm
+        self.region_mm = region_mm
         self._pool: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._local_pool: dict[int, Pair] = {}
 
     def _subject(self, index: int):
         if index not in self._pool:  # generated on first use, then kept (about 1 MB per 64^3 subject)
@@ -246,7 +252,19 @@ class SyntheticSource(PairSource):
             self._pool[index] = (torch.from_numpy(normalised)[None], labels[0])
         return self._pool[index]
 
+    def _local_pair(self, index: int) -> Pair:
+        """With ``region_mm``: generated pair ``index``, whose motion is local (make_slice_pair's region)."""
+        if index not in self._local_pool:
+            from iterreg.sample_data import make_slice_pair
+            sample = make_slice_pair(self.shape[0], seed=self.TRAIN_SEED0 + index, magnitude_mm=self.magnitude_mm,
+                                     region_mm=self.region_mm)
+            self._local_pool[index] = self._pair_from_images(sample.fixed, sample.moving, sample.fixed_labels,
+                                                             sample.moving_labels, name=f"local motion {index}")
+        return self._local_pool[index]
+
     def train_pair(self, rng):
+        if self.region_mm is not None:
+            return self._local_pair(int(rng.integers(self.subjects)))
         i, j = rng.choice(self.subjects, size=2, replace=False)
         (f, fl), (m, ml) = self._subject(int(i)), self._subject(int(j))
         spacing = self._geometry().array_spacing
@@ -264,8 +282,13 @@ class SyntheticSource(PairSource):
             if len(self.shape) == 3:
                 sample = make_pair(self.shape[0], seed=self.VALIDATION_SEED0 + k, n_landmarks=20)
             else:
-                sample = make_slice_pair(self.shape[0], seed=self.VALIDATION_SEED0 + k, n_landmarks=12)
-            pair = self._pair_from_images(sample.fixed, sample.moving, sample.fixed_labels, sample.moving_labels,
+                sample = make_slice_pair(self.shape[0], seed=self.VALIDATION_SEED0 + k, n_landmarks=12,
+                                         **({} if self.region_mm is None else
+                                            {"magnitude_mm": self.magnitude_mm, "region_mm": self.region_mm}))
+            # a local motion barely changes the label maps' overlap: its landmarks (in the moving region) score
+            # it, so the best checkpoint is chosen on TRE
+            labels = (sample.fixed_labels, sample.moving_labels) if self.region_mm is None else (None, None)
+            pair = self._pair_from_images(sample.fixed, sample.moving, *labels,
                                           name=f"make_pair seed {self.VALIDATION_SEED0 + k}")
             geometry = Geometry.of(sample.fixed)
             nd = geometry.ndim  # sample landmarks are always [N, 3] (z = 0 on a slice)
@@ -281,14 +304,16 @@ class SyntheticSource(PairSource):
         return {"kind": "synthetic", "source": SOURCE, "subjects": self.subjects,
                 "training_seeds": [self.TRAIN_SEED0, self.TRAIN_SEED0 + self.subjects - 1],
                 "validation_seeds": [self.VALIDATION_SEED0, self.VALIDATION_SEED0 + self.n_validation - 1],
-                "magnitude_mm": self.magnitude_mm, "shape": list(self.shape)}
+                "magnitude_mm": self.magnitude_mm, "shape": list(self.shape)} | (
+                    {} if self.region_mm is None else {"region_mm": self.region_mm, "pairs": "make_slice_pair"})
 
 
 def open_source(data: str, config: dict) -> PairSource:
     """``synthetic``, a Learn2Reg ``dataset.json``, or a folder with ``images/``."""
     shape = config["data"]["shape"]
     if data == "synthetic":
-        return SyntheticSource(shape, config["data"]["synthetic_subjects"], config["data"]["validation_pairs"])
+        return SyntheticSource(shape, config["data"]["synthetic_subjects"], config["data"]["validation_pairs"],
+                               region_mm=config["data"].get("region_mm"))
     path = Path(data)
     if path.suffix == ".json":
         return Learn2RegSource(path, shape)

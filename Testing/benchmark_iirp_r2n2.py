@@ -119,7 +119,7 @@ def checkpoint_label(args, ndim: int = 2) -> str:
     from pathlib import Path
 
     from iterreg.resources import default_checkpoint
-    return Path(args.checkpoint or default_checkpoint("r2n2", ndim)).name
+    return args.checkpoint or Path(default_checkpoint("r2n2", ndim)).name
 
 
 def bspline_register(fixed, moving, mesh: int, sampling: float | None = None):
@@ -325,7 +325,8 @@ def compactness(args) -> str:
     per_gaussian = (f"{config.parameter_count} per Gaussian: centre {nd}, widths {nd}, rotation "
                     f"{rotation_angle_count(nd)}, weight {nd}")
     command = "compactness" + ("" if nd == 2 else f" --ndim 3 --size {size} --pairs {count}") + (
-        "" if args.region_mm is None else f" --region-mm {args.region_mm:g}")
+        "" if args.region_mm is None else f" --region-mm {args.region_mm:g}") + (
+        "" if args.checkpoint is None else f" --checkpoint {args.checkpoint}")
     return "\n".join([
         title, "",
         f"Run {date.today().isoformat()} on {machine()}, by `Testing/benchmark_iirp_r2n2.py {command}`. Checkpoint "

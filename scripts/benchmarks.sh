@@ -35,6 +35,7 @@ declare -A SECTIONS=(
     [r2n2-series]="Testing/benchmark_iirp_r2n2.py series"
     [real-pair]="Testing/benchmark_real_pair.py --size 128 --draws 10"  # fetches Colin27 (mricron-data) once
     [prompt-models]="Testing/benchmark_prompt_models.py --size 128 --pairs 4 --draws 10"  # Colin27 too
+    [r2n2-compactness-local]="Testing/benchmark_iirp_r2n2.py compactness --region-mm 15 --checkpoint runs/r2n2_local15/best.safetensors"  # needs that run (Docs/training.md): not in ORDER
     [gpu-times]="Testing/benchmark_gpu.py --size 128 --pairs 2 --repeats 5"  # needs a CUDA device: not in ORDER
 )
 ORDER=(baselines-64 memory worker scene riir-deqreg-memory riir-deqreg-convergence riir-deqreg-convergence-2d

@@ -30,7 +30,7 @@ from .atomic import default_dir_mode
 from .geometry import Geometry
 from .imaging import resample_onto, write_image_atomic
 from .landmarks import read_landmarks, write_markups_json
-from .spatial import (compose, gaussian_smooth, integrate_velocity, sample_displacement_at,
+from .spatial import (compose, gaussian_smooth, identity_grid, integrate_velocity, sample_displacement_at,
                       warp, warp_labels)
 
 __all__ = ["mni_template", "make_pair", "deformed_template", "make_slice_pair", "make_series", "on_coarser_grid",
@@ -166,8 +166,7 @@ def _local_window(labels: torch.Tensor, spacing: float, region_mm: float, genera
         raise ValueError(f"region_mm {region_mm} is too wide for this image: no brain point is two widths "
                          "inside the border")
     centre = candidates[int(torch.randint(len(candidates), (1,), generator=generator))].float()
-    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij"))
-    d2 = ((grid - centre.view(-1, *[1] * len(shape))) ** 2).sum(0) * spacing ** 2
+    d2 = ((identity_grid(shape)[0] - centre.view(-1, *[1] * len(shape))) ** 2).sum(0) * spacing ** 2
     return torch.exp(-d2 / (2 * region_mm ** 2))[None, None], centre
 
 

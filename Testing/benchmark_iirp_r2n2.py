@@ -20,7 +20,7 @@ import numpy as np
 from benchmark_report import machine, markdown_table, write_section
 
 
-LOCAL_MAGNITUDE_MM = 6.0  # peak of a local motion (--region-mm): a strain of ~0.4 at a 15 mm window
+LOCAL_MAGNITUDE_MM = 6.0  # peak of a local motion (--region-mm): the magnitude of the synthetic training pairs
 
 
 def evaluation_for(sample):

@@ -14,7 +14,6 @@ reproduces for the models DIO has (the notes under the table quote both).
 from __future__ import annotations
 
 import argparse
-import math
 from datetime import date
 
 import numpy as np
@@ -73,12 +72,14 @@ def shared_offset(points, residuals, at):
 def constant_plus_local(points, residuals, at, ridge: float = 0.25):
     """Gaussian process with kernel K_10mm + beta (a shared offset of variance beta): beta by type-II maximum
     likelihood (ridge as noise, as prompt_reach_mm), taken only with 1 nat of evidence over beta = 0."""
-    n, ndim = residuals.shape
+    import torch
+
+    from iterreg.feature_optimizer import gaussian_process_log_likelihood
+    n = len(points)
 
     def log_likelihood(beta):
         covariance = gaussian(points, points, SHORT_MM) + beta + ridge * np.eye(n)
-        signal = (residuals * np.linalg.solve(covariance, residuals)).sum() / (n * ndim)
-        return -0.5 * n * ndim * math.log(max(signal, 1e-12)) - 0.5 * ndim * np.linalg.slogdet(covariance)[1]
+        return gaussian_process_log_likelihood(torch.from_numpy(covariance), torch.from_numpy(residuals))
 
     if n < 3:
         return fixed_reach(points, residuals, at)

@@ -164,6 +164,17 @@ def _normalised(direction: torch.Tensor, learning_rate: float) -> torch.Tensor:
     return direction * (-0.5 * learning_rate / longest).view(-1, *[1] * (direction.dim() - 1))
 
 
+def gaussian_process_log_likelihood(covariance: torch.Tensor, residuals: torch.Tensor) -> float:
+    """Log-likelihood (up to a constant) of residuals ``[N, ndim]``, each component independent, under a zero-mean
+    Gaussian process with covariance ``s^2 * covariance`` ``[N, N]``, the signal variance s^2 profiled out."""
+    n, ndim = residuals.shape
+    chol = torch.linalg.cholesky(covariance.double())
+    explained = torch.cholesky_solve(residuals.double(), chol)
+    signal = float((residuals.double() * explained).sum()) / (n * ndim)
+    log_det = 2 * float(torch.log(torch.diagonal(chol)).sum())
+    return -0.5 * n * ndim * math.log(max(signal, 1e-12)) - 0.5 * ndim * log_det
+
+
 def prompt_reach_mm(points_mm: torch.Tensor, residuals_mm: torch.Tensor, shortest: float, longest: float,
                     ridge: float = PULL_RIDGE, evidence: float = 1.0) -> float:
     """How far the prompts' pull should reach: the Gaussian width (mm) under which the prompts' own residuals
@@ -175,7 +186,7 @@ def prompt_reach_mm(points_mm: torch.Tensor, residuals_mm: torch.Tensor, shortes
     reach must beat the shortest by ``evidence`` (log-likelihood, nats; 1 is Kass and Raftery's 'positive'):
     a few ~1 mm errors agree by chance often enough to gain a fraction of a nat (measured on DIO's results,
     Docs/methods.md), and spreading them would cost Dice. Fewer than 3 prompts cannot tell: ``shortest``."""
-    n, ndim = residuals_mm.shape
+    n = len(residuals_mm)
     if n < 3 or longest <= shortest:
         return float(shortest)
     points, residuals = points_mm.double(), residuals_mm.double()
@@ -184,12 +195,8 @@ def prompt_reach_mm(points_mm: torch.Tensor, residuals_mm: torch.Tensor, shortes
     best, best_reach, at_shortest = -math.inf, float(shortest), None
     reach = float(shortest)
     while reach <= longest * (1 + 1e-9):
-        covariance = torch.exp(-d2 / (2 * reach ** 2)) + ridge * identity
-        chol = torch.linalg.cholesky(covariance)
-        explained = torch.cholesky_solve(residuals, chol)
-        signal = float((residuals * explained).sum()) / (n * ndim)
-        log_det = 2 * float(torch.log(torch.diagonal(chol)).sum())
-        likelihood = -0.5 * n * ndim * math.log(max(signal, 1e-12)) - 0.5 * ndim * log_det
+        likelihood = gaussian_process_log_likelihood(torch.exp(-d2 / (2 * reach ** 2)) + ridge * identity,
+                                                     residuals)
         at_shortest = likelihood if at_shortest is None else at_shortest
         if likelihood > best + 1e-9:
             best, best_reach = likelihood, reach

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from datetime import date
 from pathlib import Path
@@ -57,11 +58,14 @@ def main() -> int:
 
     bundled_rows = evaluate(str(args.checkpoint), BundledPair(tuple(config["data"]["shape"])),
                             references=("identity", "classical")) if meta.get("ndim", 3) == 3 else None
-    fmt = lambda rows: markdown_table(HEADER, [[r[0]] + [f"{v:.3f}" for v in r[1:]] for r in rows])  # noqa: E731
+    def cell(value, digits: int) -> str:  # '-' where a score does not exist (pairs without labels: no Dice)
+        return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+    fmt = lambda rows: markdown_table(HEADER, [[r[0]] + [cell(v, 3) for v in r[1:]] for r in rows])  # noqa: E731
     history = [json.loads(line) for line in (args.run / "history.jsonl").read_text().splitlines()]
     history_table = markdown_table(["iteration", "validation Dice", "TRE mm", "similarity"],
-                                   [[str(h["iteration"]), f"{h.get('dice', float('nan')):.3f}",
-                                     f"{h.get('tre_mm', float('nan')):.2f}", f"{h['similarity']:.4f}"] for h in history])
+                                   [[str(h["iteration"]), cell(h.get("dice"), 3), cell(h.get("tre_mm"), 2),
+                                     f"{h['similarity']:.4f}"] for h in history])
     name = args.checkpoint.stem
     body = "\n".join([
         f"## `{args.checkpoint.name}` ({meta['method']})",

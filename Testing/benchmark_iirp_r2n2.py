@@ -158,8 +158,9 @@ def fit_gaussians(fixed, moving, count: int, sigma_max: float, tv_weight: float,
     """R2N2's transform without its network: ``count`` local Gaussians (the same ranges of centre, widths,
     rotation and weight as the parameter network's outputs) fitted to one pair by Adam on R2N2's training loss
     (MSE + TV). Greedy, as R2N2 adds them: each new Gaussian starts where a Gaussian bump of the loss gradient is
-    largest and is fitted alone, then all are refined together. The representation's own accuracy at that size,
-    to separate it from what the network has learned. 2D or 3D. Returns the voxel field."""
+    largest, pointing downhill with the best of a few strengths, and is fitted alone; then all are refined
+    together. The representation's own accuracy at that size, to separate it from what the network has learned.
+    2D or 3D. Returns the voxel field."""
     import torch
 
     from iterreg import losses
@@ -178,12 +179,15 @@ def fit_gaussians(fixed, moving, count: int, sigma_max: float, tv_weight: float,
             u = u + gaussian_displacement(g, shape)[0]
         return u
 
-    def fitted(raws, trainable, iterations, lr, base=None):
-        optimizer = torch.optim.Adam(trainable, lr=lr)
+    def loss(raws, base=None):
+        u = field(raws, base)
+        return losses.mse(fixed, warp(moving, u)) + tv_weight * losses.isotropic_tv(u)
+
+    def fitted(raws, iterations, lr, base=None):
+        optimizer = torch.optim.Adam(raws, lr=lr)
         for _ in range(iterations):
             optimizer.zero_grad()
-            u = field(raws, base)
-            (losses.mse(fixed, warp(moving, u)) + tv_weight * losses.isotropic_tv(u)).backward()
+            loss(raws, base).backward()
             optimizer.step()
 
     raws = []
@@ -196,12 +200,21 @@ def fit_gaussians(fixed, moving, count: int, sigma_max: float, tv_weight: float,
         centre = normalised_grid(shape)[(0, slice(None), *index)]
         raw[0, :nd] = torch.atanh(centre.clamp(-0.95, 0.95))  # the centre's convention
         downhill = bump[(0, slice(None), *index)]
-        raw[0, 2 * nd:3 * nd] = torch.atanh(0.05 * downhill / (downhill.norm() + 1e-12))
+        downhill = downhill / (downhill.norm() + 1e-12)
+        # The starting strength (normalised units: 0.16-5 pixels at 128) is the one that lowers the loss most. A
+        # fixed 3 pixels overshot small local misfits, and Adam's steps then carried the Gaussian off the region
+        # (session 22: a local-motion pair's fit left its landmarks where they were).
+        with torch.no_grad():
+            def loss_with_strength(strength):
+                raw[0, 2 * nd:3 * nd] = torch.atanh(strength * downhill)
+                return float(loss([raw], base))
+            strength = min((0.0025, 0.005, 0.01, 0.02, 0.04, 0.08), key=loss_with_strength)
+            raw[0, 2 * nd:3 * nd] = torch.atanh(strength * downhill)
         raw.requires_grad_(True)
-        fitted([raw], [raw], greedy_iterations, 0.05, base)
+        fitted([raw], greedy_iterations, 0.01, base)  # small steps keep the centre near where it started
         raws.append(raw.detach())
     raws = [r.clone().requires_grad_(True) for r in raws]
-    fitted(raws, raws, joint_iterations, 0.01)
+    fitted(raws, joint_iterations, 0.01)
     return field([r.detach() for r in raws]).detach()
 
 

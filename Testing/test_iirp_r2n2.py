@@ -152,6 +152,25 @@ def test_a_local_deformation_is_a_rotated_gaussian_with_its_weight_at_its_centre
     assert float(profile_turned[0, 0, 26, 45]) < float(profile_turned[0, 0, 20, 51])
 
 
+def test_the_compactness_benchmarks_fitted_gaussians_follow_a_local_motion():
+    """The benchmark's oracle (R2N2's representation without its network) must find a motion the representation
+    can express, or its rows understate how compact the representation is. Generated local-motion pair 201 is
+    the one where a fit that started too strong and stepped too far left every landmark where it was."""
+    from benchmark_iirp_r2n2 import LOCAL_MAGNITUDE_MM, fit_gaussians, pairs, score
+
+    (_, pair, evaluation, sample), = pairs(2, 128, count=1, first_seed=201, region_mm=15)
+    assert sample.info["magnitude_mm"] == LOCAL_MAGNITUDE_MM
+    before = score(evaluation, torch.zeros(1, 2, 128, 128))["tre"]
+    fitted = fit_gaussians(pair.fixed, pair.moving, count=8, sigma_max=0.3, tv_weight=5e-4)
+    assert score(evaluation, fitted)["tre"] < 0.5 * before
+
+
+def test_the_whole_slice_r2n2_checkpoint_is_the_2d_default_and_the_local_motion_one_is_offered_beside_it():
+    from iterreg.resources import bundled_checkpoints, default_checkpoint
+    assert default_checkpoint("r2n2", 2).name == "r2n2_mni128_2d.safetensors"
+    assert "r2n2_mni128_2d_local.safetensors" in [p.name for p in bundled_checkpoints(2)["r2n2"]]
+
+
 def test_3d_rotations_are_proper_rotations():
     angles = torch.rand(5, 3) * math.pi
     r = rotation_matrix(angles, 3)

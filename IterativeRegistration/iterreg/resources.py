@@ -62,6 +62,7 @@ def checkpoint_metadata(path: str | Path) -> dict:
 
 def default_checkpoint(method: str, ndim: int | None = None) -> Path | None:
     """The bundled checkpoint a learned method uses when none is given: for ``ndim``-D images, or when the
-    dimension is not known, a 3D one if there is one."""
+    dimension is not known, a 3D one if there is one; among several, the first by file name (so a variant
+    named ``<default>_<what>`` sorts after its default, as ``r2n2_mni128_2d_local`` after ``r2n2_mni128_2d``)."""
     paths = bundled_checkpoints(ndim or 3).get(method) or ([] if ndim else bundled_checkpoints().get(method))
     return paths[0] if paths else None

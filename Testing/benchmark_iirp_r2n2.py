@@ -14,6 +14,7 @@ import argparse
 import sys
 import time
 from datetime import date
+from pathlib import Path
 
 import numpy as np
 
@@ -478,9 +479,65 @@ def localisation(args) -> str:
         "learns from it: the reason `difference_input` is on by default (Docs/methods.md, R2N2).", "", table])
 
 
+
+STEP_SIZE_AMPLITUDES = (0.5, 1.0, 2.0, 4.0)  # pixels of the network's working grid
+
+
+def step_size(args) -> str:
+    """Does the network's first Gaussian grow with the misalignment? Held-out slices (their fixed images, on each
+    checkpoint's working grid) against the same slice warped by one Gaussian displacement of a known size, at
+    random places of the brain; the first step's weight is compared with the displacement that undoes it."""
+    import torch
+
+    from iterreg.methods import get_method
+    from iterreg.methods.learned import WorkingGrid
+    from iterreg.networks.r2n2 import LocalDeformation, gaussian_displacement
+    from iterreg.spatial import normalised_to_voxels, warp
+    torch.set_num_threads(2)
+    from iterreg.resources import bundled_checkpoints
+    checkpoints = args.checkpoints or [str(p) for p in bundled_checkpoints(2)["r2n2"]]
+    rows = []
+    for path in checkpoints:
+        method = get_method("r2n2").create(path, ndim=2)
+        network = method.network
+        found = {a: [] for a in STEP_SIZE_AMPLITUDES}
+        generator = torch.Generator().manual_seed(0)
+        for seed, pair, _, _ in pairs(2, 128, args.pairs_2d, args.first_seed):
+            grid = WorkingGrid.for_images(pair.fixed, network.config.working_scale, method.trained_working_size)
+            fixed = grid.image_down(pair.fixed)
+            shape = fixed.shape[2:]
+            for _ in range(4):
+                center = torch.rand(1, 2, generator=generator) * 0.8 - 0.4  # inside the brain on these slices
+                angle = float(torch.rand(1, generator=generator)) * 2 * np.pi
+                direction = torch.tensor([[np.cos(angle), np.sin(angle)]], dtype=torch.float32)
+                for amplitude in STEP_SIZE_AMPLITUDES:
+                    weight = direction * amplitude / normalised_to_voxels(torch.ones(2), shape)  # normalised
+                    bump = LocalDeformation(center, torch.full((1, 2), 0.12), torch.zeros(1, 1), weight)
+                    moving = warp(fixed, gaussian_displacement(bump, shape)[0], padding_mode="border")
+                    with torch.no_grad():
+                        g = next(network.iterate(fixed, moving, 1)).gaussian
+                    w = normalised_to_voxels(g.weight[0], shape)
+                    found[amplitude].append((float(w.norm()), float(torch.nn.functional.cosine_similarity(
+                        w, -direction[0], dim=0))))
+        label = Path(path).stem + (" (local_step_input)" if network.config.local_step_input else "")
+        rows.append([label] + [f"{np.mean([n for n, _ in found[a]]):.2f}" for a in STEP_SIZE_AMPLITUDES] +
+                    [f"{np.mean([c for a in STEP_SIZE_AMPLITUDES for _, c in found[a]]):.2f}"])
+        print(rows[-1], flush=True)
+    table = markdown_table(["checkpoint"] + [f"weight for {a:g} px" for a in STEP_SIZE_AMPLITUDES] +
+                           ["cosine to the undoing direction"], rows)
+    return "\n".join([
+        "## R2N2: does the first Gaussian grow with the misalignment?", "",
+        f"Run {date.today().isoformat()} on {machine()}, by `Testing/benchmark_iirp_r2n2.py step-size`. The fixed "
+        f"images of held-out slice pairs (seeds {args.first_seed}-{args.first_seed + args.pairs_2d - 1}), each on the "
+        "checkpoint's working grid, against the same image warped by one Gaussian displacement (width 0.12 of the "
+        "half-extent, 4 random places within the central 40 % and directions per slice) of 0.5-4 working-grid "
+        "pixels. Shown: the mean length of the first step's weight (pixels of the working grid), and its mean "
+        "cosine to the direction that undoes the displacement. A network that sees how far the images are apart "
+        "answers more to a larger displacement.", "", table])
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["iterstop", "compactness", "series", "localisation"])
+    parser.add_argument("what", choices=["iterstop", "compactness", "series", "localisation", "step-size"])
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--pairs-2d", type=int, default=6)
@@ -494,6 +551,8 @@ def main() -> int:
                         "of that dimension)")
     parser.add_argument("--probe-iterations", type=int, default=1000, help="localisation: iterations of the centre "
                         "task (the MSE task runs 3x as many)")
+    parser.add_argument("--checkpoints", nargs="*", default=None, help="step-size: r2n2 checkpoints to compare "
+                        "(default: the bundled 2D ones)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     if args.what in ("compactness", "series") and args.checkpoint is None:
@@ -502,11 +561,12 @@ def main() -> int:
             print("no r2n2 checkpoint of that dimension is bundled (Docs/training.md says why); train one with "
                   "iterreg-train and pass it with --checkpoint")
             return 2
-    body = {"iterstop": iterstop, "compactness": compactness, "series": series, "localisation": localisation}[args.what](args)
+    body = {"iterstop": iterstop, "compactness": compactness, "series": series, "localisation": localisation,
+            "step-size": step_size}[args.what](args)
     print(body)
     if not args.no_write:
         key = {'iterstop': 'iirp-iterstop', 'compactness': 'r2n2-compactness', 'series': 'r2n2-series',
-               'localisation': 'r2n2-localisation'}[args.what]
+               'localisation': 'r2n2-localisation', 'step-size': 'r2n2-step-size'}[args.what]
         if args.what == "compactness" and args.ndim == 3:
             key = "r2n2-compactness-3d"
         elif args.what == "compactness" and args.region_mm is not None:

@@ -519,7 +519,7 @@ def step_size(args) -> str:
                     w = normalised_to_voxels(g.weight[0], shape)
                     found[amplitude].append((float(w.norm()), float(torch.nn.functional.cosine_similarity(
                         w, -direction[0], dim=0))))
-        label = Path(path).stem + (" (local_step_input)" if network.config.local_step_input else "")
+        label = Path(path).stem
         rows.append([label] + [f"{np.mean([n for n, _ in found[a]]):.2f}" for a in STEP_SIZE_AMPLITUDES] +
                     [f"{np.mean([c for a in STEP_SIZE_AMPLITUDES for _, c in found[a]]):.2f}"])
         print(rows[-1], flush=True)

@@ -385,27 +385,6 @@ def test_fine_tuning_starts_from_the_given_checkpoint(tiny_run, tmp_path):
         torch.testing.assert_close(tuned[name], weight, rtol=0, atol=1e-6)
 
 
-
-def test_fine_tuning_may_add_an_input_to_a_layer_which_starts_ignored(tmp_path):
-    # R2N2 with local_step_input from a checkpoint without it: the new inputs' weights start at zero, so the
-    # network's first Gaussians are the checkpoint's own
-    from iterreg.checkpoints import save_checkpoint
-    from iterreg.networks.r2n2 import R2N2Config, R2N2Network
-    from iterreg_train.trainer import _load_initial_weights
-    torch.manual_seed(0)
-    old = R2N2Network(R2N2Config(ndim=2, channels=(8, 8, 8, 16)))
-    torch.nn.init.normal_(old.parameters_net.fc[-1].weight, std=0.5)
-    path = tmp_path / "old.safetensors"
-    save_checkpoint(path, old.state_dict(), {"method": "r2n2", "architecture": {}, "ndim": 2})
-    grown = R2N2Network(R2N2Config(ndim=2, channels=(8, 8, 8, 16), local_step_input=True))
-    _load_initial_weights(grown, str(path), "r2n2")
-    fixed, moving = torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32)
-    with torch.no_grad():
-        for before, after in zip(old(fixed, moving, 3), grown(fixed, moving, 3)):
-            torch.testing.assert_close(after, before)
-    columns = grown.parameters_net.fc[0].weight
-    assert columns.shape[1] == old.parameters_net.fc[0].weight.shape[1] + 2 and not columns[:, -2:].any()
-
 SHORT_RUN = {"riir": "architecture.steps=2", "deqreg": "architecture.max_iter=4", "iirp": "training.seed=0",
              "r2n2": "architecture.steps=3", "dio": "architecture.train_iterations=[3,3,3]"}
 

@@ -304,21 +304,9 @@ def _architecture(method_cls, config: dict, ndim: int) -> dict:
 
 
 def _load_initial_weights(network, path: str, method: str) -> None:
-    """Fine-tuning: start from a checkpoint of the same method and architecture (weights only). An architecture
-    that adds inputs to a layer (e.g. R2N2's ``local_step_input``) may start from one without them: a weight that
-    has only grown along its input axis keeps its old columns and gets zeros for the new inputs, so the network
-    starts as the checkpoint did and learns to use them."""
+    """Fine-tuning: start from a checkpoint of the same method and architecture (weights only)."""
     from iterreg.checkpoints import read_checkpoint
     weights, _ = read_checkpoint(path, method)
-    own = network.state_dict()
-    for name, old in list(weights.items()):
-        new = own.get(name)
-        if new is not None and new.dim() == old.dim() >= 2 and new.shape[0] == old.shape[0] \
-                and new.shape[2:] == old.shape[2:] and new.shape[1] > old.shape[1]:
-            grown = torch.zeros_like(new)
-            grown[:, :old.shape[1]] = old
-            weights[name] = grown
-            print(f"init_from: {name} takes {new.shape[1] - old.shape[1]} new input(s), starting at zero")
     try:
         network.load_state_dict(weights, strict=True)
     except RuntimeError as exc:

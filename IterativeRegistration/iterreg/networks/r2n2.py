@@ -60,11 +60,6 @@ class R2N2Config(DictConfig):
     # longest a Gaussian of that width lowers the loss most, and it points the way the weight should (not in the
     # paper; Docs/methods.md, R2N2)
     gradient_input: bool = False
-    # the parameter network also reads, at the chosen centre, the local Gauss-Newton (Lucas-Kanade) displacement
-    # that would align the images there (``local_step_estimate``). Instance norm and the gradient input's scaling
-    # remove the size of the misalignment: without it a trained network answered 0.5-pixel weights to true
-    # local displacements of 0.5 to 4 pixels alike (Docs/methods.md, R2N2; not in the paper)
-    local_step_input: bool = False
     working_scale: float = 1.0  # the network's grid relative to the image grid (methods/learned.py)
 
     def __post_init__(self):
@@ -246,33 +241,6 @@ class R2N2State:
     moving_warped: torch.Tensor = None  # M o f_{t-1}, the image this step saw
 
 
-LOCAL_STEP_INPUT_SCALE = 10.0  # local steps are ~0.01-0.1 of the half-extent; x10 gives the hidden layer O(1) inputs
-
-
-def local_step_estimate(fixed: torch.Tensor, warped: torch.Tensor, width: float) -> torch.Tensor:
-    """The displacement that aligns ``warped`` with ``fixed`` to first order around each voxel, in normalised units
-    ``[B, ndim, *shape]``, detached: (S[g g^T] + lambda I)^-1 S[g (F - W)] with g the warped image's gradient
-    (central differences, voxels) and S a Gaussian of ``width`` (normalised units, as sigma_max): a Lucas-Kanade
-    (Gauss-Newton) step over a Gaussian window. Both images are first smoothed by half that width, which keeps
-    the estimate growing with the misalignment up to ~4 pixels of a 64 grid (unsmoothed, it saturated at ~1-2).
-    lambda, 1 % of the mean |g|^2, keeps flat regions near zero. Written here: a few lines of torch, and no
-    registration library exposes it as a field."""
-    with torch.no_grad():
-        shape = fixed.shape[2:]
-        nd = len(shape)
-        sigma = normalised_to_voxels(torch.full((nd,), width), shape).tolist()
-        fixed, warped = (gaussian_smooth(image, [0.5 * s for s in sigma]) for image in (fixed, warped))
-        g = torch.stack(torch.gradient(warped[:, 0], dim=tuple(range(1, nd + 1))), 1)  # [B, nd, *shape]
-        b = gaussian_smooth(g * (fixed - warped), sigma)
-        outer = gaussian_smooth((g[:, :, None] * g[:, None]).flatten(1, 2), sigma)  # [B, nd*nd, *shape]
-        ridge = 0.01 * g.pow(2).sum(1).flatten(1).mean(1).clamp_min(1e-12)  # [B]
-        eye = torch.eye(nd, dtype=g.dtype, device=g.device)
-        a = outer.movedim(1, -1).reshape(*b.shape[:1], *shape, nd, nd) + ridge.reshape(-1, *[1] * nd, 1, 1) * eye
-        step = torch.linalg.solve(a, b.movedim(1, -1).unsqueeze(-1)).squeeze(-1).movedim(-1, 1)  # voxels
-        half = torch.tensor([(n - 1) / 2 for n in shape], dtype=g.dtype, device=g.device)
-        return step / half.reshape(1, nd, *[1] * nd)
-
-
 def downhill_mse_gradient(fixed: torch.Tensor, moving: torch.Tensor, u: torch.Tensor, width: float) -> torch.Tensor:
     """-grad_u of the MSE at ``u``, smoothed by a Gaussian of ``width`` (normalised units, as sigma_max) and scaled
     so that its longest vector has length 1 per sample; detached. To first order, a Gaussian of that width placed
@@ -301,8 +269,7 @@ class R2N2Network(nn.Module):
         self.units = nn.ModuleList(GR2U(nd, ch[k], ch[k + 1], config.residual_blocks, config.activation,
                                         config.instance_norm, config.temperature) for k in range(3))
         self.parameters_net = ParameterNetwork(nd, ch[3], config.parameter_hidden, config.activation,
-                                               config.sigma_max, (ch[0] if config.center_features else 0)
-                                               + (nd if config.local_step_input else 0))
+                                               config.sigma_max, ch[0] if config.center_features else 0)
 
     def iterate(self, fixed: torch.Tensor, moving: torch.Tensor, steps: int,
                 init: torch.Tensor | None = None) -> Iterator[R2N2State]:
@@ -331,11 +298,7 @@ class R2N2Network(nn.Module):
                 confidences.append(confidence)
             weights = torch.cat(confidences, 1)  # [B, 3]
             center = (torch.stack(positions, 1) * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1e-6)
-            at_center = [features_at(finest, center, shape, stride=2)] if self.config.center_features else []
-            if self.config.local_step_input:
-                estimate = local_step_estimate(fixed, warped, 0.5 * self.config.sigma_max)
-                at_center.append(LOCAL_STEP_INPUT_SCALE * features_at(estimate, center, shape, stride=1))
-            at_center = torch.cat(at_center, 1) if at_center else None
+            at_center = features_at(finest, center, shape, stride=2) if self.config.center_features else None
             sigma, weight, angles = self.parameters_net(x, at_center)
             gaussian = LocalDeformation(center, sigma, angles, weight)
             local, profile = gaussian_displacement(gaussian, shape)

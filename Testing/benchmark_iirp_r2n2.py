@@ -492,9 +492,9 @@ def step_size(args) -> str:
     from iterreg.methods import get_method
     from iterreg.methods.learned import WorkingGrid
     from iterreg.networks.r2n2 import LocalDeformation, gaussian_displacement
+    from iterreg.resources import bundled_checkpoints
     from iterreg.spatial import normalised_to_voxels, warp
     torch.set_num_threads(2)
-    from iterreg.resources import bundled_checkpoints
     checkpoints = args.checkpoints or [str(p) for p in bundled_checkpoints(2)["r2n2"]]
     rows = []
     for path in checkpoints:

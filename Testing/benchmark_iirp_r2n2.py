@@ -479,7 +479,6 @@ def localisation(args) -> str:
         "learns from it: the reason `difference_input` is on by default (Docs/methods.md, R2N2).", "", table])
 
 
-
 STEP_SIZE_AMPLITUDES = (0.5, 1.0, 2.0, 4.0)  # pixels of the network's working grid
 
 
@@ -502,7 +501,7 @@ def step_size(args) -> str:
         network = method.network
         found = {a: [] for a in STEP_SIZE_AMPLITUDES}
         generator = torch.Generator().manual_seed(0)
-        for seed, pair, _, _ in pairs(2, 128, args.pairs_2d, args.first_seed):
+        for _, pair, _, _ in pairs(2, 128, args.pairs_2d, args.first_seed):
             grid = WorkingGrid.for_images(pair.fixed, network.config.working_scale, method.trained_working_size)
             fixed = grid.image_down(pair.fixed)
             shape = fixed.shape[2:]
@@ -534,6 +533,7 @@ def step_size(args) -> str:
         "pixels. Shown: the mean length of the first step's weight (pixels of the working grid), and its mean "
         "cosine to the direction that undoes the displacement. A network that sees how far the images are apart "
         "answers more to a larger displacement.", "", table])
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

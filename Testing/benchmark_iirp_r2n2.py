@@ -483,56 +483,61 @@ STEP_SIZE_AMPLITUDES = (0.5, 1.0, 2.0, 4.0)  # pixels of the network's working g
 
 
 def step_size(args) -> str:
-    """Does the network's first Gaussian grow with the misalignment? Held-out slices (their fixed images, on each
-    checkpoint's working grid) against the same slice warped by one Gaussian displacement of a known size, at
+    """Does the network's first Gaussian grow with the misalignment? Held-out images (the fixed ones, on each
+    checkpoint's working grid) against the same image warped by one Gaussian displacement of a known size, at
     random places of the brain; the first step's weight is compared with the displacement that undoes it."""
     import torch
 
     from iterreg.methods import get_method
     from iterreg.methods.learned import WorkingGrid
-    from iterreg.networks.r2n2 import LocalDeformation, gaussian_displacement
+    from iterreg.networks.r2n2 import LocalDeformation, gaussian_displacement, rotation_angle_count
     from iterreg.resources import bundled_checkpoints
     from iterreg.spatial import normalised_to_voxels, warp
     torch.set_num_threads(2)
-    checkpoints = args.checkpoints or [str(p) for p in bundled_checkpoints(2)["r2n2"]]
+    checkpoints = args.checkpoints or [str(p) for nd in (2, 3) for p in bundled_checkpoints(nd).get("r2n2", [])]
     rows = []
     for path in checkpoints:
-        method = get_method("r2n2").create(path, ndim=2)
+        method = get_method("r2n2").create(path)
         network = method.network
+        nd = network.config.ndim
         found = {a: [] for a in STEP_SIZE_AMPLITUDES}
         generator = torch.Generator().manual_seed(0)
-        for _, pair, _, _ in pairs(2, 128, args.pairs_2d, args.first_seed):
+        held_out = pairs(2, 128, args.pairs_2d, args.first_seed) if nd == 2 else \
+            pairs(3, args.size, args.pairs, args.first_seed)
+        for _, pair, _, _ in held_out:
             grid = WorkingGrid.for_images(pair.fixed, network.config.working_scale, method.trained_working_size)
             fixed = grid.image_down(pair.fixed)
             shape = fixed.shape[2:]
             for _ in range(4):
-                center = torch.rand(1, 2, generator=generator) * 0.8 - 0.4  # inside the brain on these slices
-                angle = float(torch.rand(1, generator=generator)) * 2 * np.pi
-                direction = torch.tensor([[np.cos(angle), np.sin(angle)]], dtype=torch.float32)
+                center = torch.rand(1, nd, generator=generator) * 0.8 - 0.4  # inside the brain
+                direction = torch.randn(1, nd, generator=generator)
+                direction = direction / direction.norm()
                 for amplitude in STEP_SIZE_AMPLITUDES:
-                    weight = direction * amplitude / normalised_to_voxels(torch.ones(2), shape)  # normalised
-                    bump = LocalDeformation(center, torch.full((1, 2), 0.12), torch.zeros(1, 1), weight)
+                    weight = direction * amplitude / normalised_to_voxels(torch.ones(nd), shape)  # normalised
+                    bump = LocalDeformation(center, torch.full((1, nd), 0.12), torch.zeros(1, rotation_angle_count(nd)),
+                                            weight)
                     moving = warp(fixed, gaussian_displacement(bump, shape)[0], padding_mode="border")
                     with torch.no_grad():
                         g = next(network.iterate(fixed, moving, 1)).gaussian
                     w = normalised_to_voxels(g.weight[0], shape)
                     found[amplitude].append((float(w.norm()), float(torch.nn.functional.cosine_similarity(
                         w, -direction[0], dim=0))))
-        label = Path(path).stem
-        rows.append([label] + [f"{np.mean([n for n, _ in found[a]]):.2f}" for a in STEP_SIZE_AMPLITUDES] +
+        rows.append([Path(path).stem, "x".join(str(n) for n in shape)] +
+                    [f"{np.mean([n for n, _ in found[a]]):.2f}" for a in STEP_SIZE_AMPLITUDES] +
                     [f"{np.mean([c for a in STEP_SIZE_AMPLITUDES for _, c in found[a]]):.2f}"])
         print(rows[-1], flush=True)
-    table = markdown_table(["checkpoint"] + [f"weight for {a:g} px" for a in STEP_SIZE_AMPLITUDES] +
+    table = markdown_table(["checkpoint", "working grid"] + [f"weight for {a:g} px" for a in STEP_SIZE_AMPLITUDES] +
                            ["cosine to the undoing direction"], rows)
     return "\n".join([
         "## R2N2: does the first Gaussian grow with the misalignment?", "",
         f"Run {date.today().isoformat()} on {machine()}, by `Testing/benchmark_iirp_r2n2.py step-size`. The fixed "
-        f"images of held-out slice pairs (seeds {args.first_seed}-{args.first_seed + args.pairs_2d - 1}), each on the "
+        f"images of held-out pairs (2D: 128^2 slices, seeds {args.first_seed}-{args.first_seed + args.pairs_2d - 1}; "
+        f"3D: {args.size}^3 volumes, seeds {args.first_seed}-{args.first_seed + args.pairs - 1}), each on the "
         "checkpoint's working grid, against the same image warped by one Gaussian displacement (width 0.12 of the "
-        "half-extent, 4 random places within the central 40 % and directions per slice) of 0.5-4 working-grid "
-        "pixels. Shown: the mean length of the first step's weight (pixels of the working grid), and its mean "
-        "cosine to the direction that undoes the displacement. A network that sees how far the images are apart "
-        "answers more to a larger displacement.", "", table])
+        "half-extent, 4 random places within the central 40 % and random directions per image) of 0.5-4 pixels "
+        "(voxels) of the working grid. Shown: the mean length of the first step's weight (pixels of the working "
+        "grid), and its mean cosine to the direction that undoes the displacement. A network that sees how far "
+        "the images are apart answers more to a larger displacement.", "", table])
 
 
 def main() -> int:

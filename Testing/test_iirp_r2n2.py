@@ -17,8 +17,8 @@ import torch
 from iterreg.errors import InputError
 from iterreg.methods import get_method
 from iterreg.networks.iirp import IIRPConfig, RPNet, iterative_inference
-from iterreg.networks.r2n2 import (LocalDeformation, R2N2Config, R2N2Network, features_at, gaussian_displacement,
-                                   rotation_matrix)
+from iterreg.networks.r2n2 import (LocalDeformation, R2N2Config, R2N2Network, downhill_mse_gradient, features_at,
+                                   gaussian_displacement, rotation_matrix)
 from iterreg.spatial import gaussian_smooth, normalised_grid, warp
 
 from test_riir_deqreg import SHAPES, checkpoint, pair
@@ -267,6 +267,34 @@ def test_with_gradient_input_r2n2_also_sees_where_and_which_way_the_mse_falls_fa
     w_at_peak = w[(0, slice(None), *peak)]
     # (only the part of -w along the image's edges is seen: the aperture problem, so not exactly -w)
     assert float(torch.nn.functional.cosine_similarity(at_peak, -w_at_peak, dim=0)) > 0.5
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_the_image_scaled_gradient_input_reads_as_the_voxels_still_to_go_and_grows_with_the_shift(ndim):
+    # "longest" says where and which way but not how far (its longest vector is always 1); "image" divides by a
+    # constant of the fixed image only, so for a uniform shift of s voxels it is about s along the shift
+    shape = (48, 44) if ndim == 2 else (32, 30, 28)
+    torch.manual_seed(0)
+    fixed = gaussian_smooth(torch.randn(1, 1, *shape), 2.0)
+    fixed = (fixed - fixed.min()) / (fixed.max() - fixed.min())
+    interior = (0, slice(None), *[slice(8, -8)] * ndim)  # away from the border, where the smoothing replicates
+    along, longest = {}, {}
+    for s in (0.25, 0.5, 1.0):
+        shift = torch.zeros(1, ndim, *shape)
+        shift[:, 0] = s
+        moving = warp(fixed, -shift, padding_mode="border")  # moving(x) = fixed(x - s): u = +s along axis 0 undoes it
+        still_to_go = downhill_mse_gradient(fixed, moving, torch.zeros_like(shift), 0.15, "image")[interior]
+        along[s] = float(still_to_go[0].mean())
+        # mostly along the shift (a random image's local anisotropy, the aperture problem, adds some across)
+        assert float(still_to_go[1:].flatten(1).mean(1).abs().max()) < 0.35 * along[s]
+        unit = downhill_mse_gradient(fixed, moving, torch.zeros_like(shift), 0.15, "longest")
+        longest[s] = float(unit.norm(dim=1).max())
+    assert along[0.5] / along[0.25] == pytest.approx(2.0, rel=0.15)
+    assert along[1.0] / along[0.5] == pytest.approx(2.0, rel=0.15)
+    assert 0.5 < along[1.0] < 1.5  # of the order of the shift: voxels (a Gauss-Newton step with an averaged Hessian)
+    assert longest[0.25] == pytest.approx(1.0) and longest[1.0] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="gradient_scale"):
+        R2N2Config(gradient_input=True, gradient_scale="max")
 
 
 def r2n2_checkpoint(tmp_path, ndim):

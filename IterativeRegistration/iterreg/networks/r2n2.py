@@ -60,6 +60,10 @@ class R2N2Config(DictConfig):
     # longest a Gaussian of that width lowers the loss most, and it points the way the weight should (not in the
     # paper; Docs/methods.md, R2N2)
     gradient_input: bool = False
+    # how the gradient input is scaled, per sample: "longest" to a longest vector of 1 (the bundled checkpoints), so
+    # it says where and which way but not how far; "image" by the fixed image's mean squared gradient, so that it
+    # approximates the displacement still to go, in voxels, and grows with the misalignment (Docs/methods.md, R2N2)
+    gradient_scale: str = "longest"
     working_scale: float = 1.0  # the network's grid relative to the image grid (methods/learned.py)
 
     def __post_init__(self):
@@ -67,6 +71,8 @@ class R2N2Config(DictConfig):
             raise ValueError("channels needs 4 entries: the stem and three GR2Us")
         if self.activation not in ("tanh", "leaky_relu"):
             raise ValueError(f"activation must be tanh or leaky_relu, got '{self.activation}'")
+        if self.gradient_scale not in ("longest", "image"):
+            raise ValueError(f"gradient_scale must be 'longest' or 'image', got '{self.gradient_scale}'")
         if not 0 < self.sigma_max <= 2 or self.steps < 1 or not 0 < self.working_scale <= 1:
             raise ValueError("sigma_max must be in (0, 2], steps >= 1, working_scale in (0, 1]")
 
@@ -241,21 +247,34 @@ class R2N2State:
     moving_warped: torch.Tensor = None  # M o f_{t-1}, the image this step saw
 
 
-def downhill_mse_gradient(fixed: torch.Tensor, moving: torch.Tensor, u: torch.Tensor, width: float) -> torch.Tensor:
-    """-grad_u of the MSE at ``u``, smoothed by a Gaussian of ``width`` (normalised units, as sigma_max) and scaled
-    so that its longest vector has length 1 per sample; detached. To first order, a Gaussian of that width placed
-    at x lowers the loss by this map's length there, so it says where the next Gaussian helps most and which way
-    its weight should point."""
+def downhill_mse_gradient(fixed: torch.Tensor, moving: torch.Tensor, u: torch.Tensor, width: float,
+                          scale: str = "longest") -> torch.Tensor:
+    """-grad_u of the MSE at ``u``, smoothed by a Gaussian of ``width`` (normalised units, as sigma_max); detached.
+    To first order, a Gaussian of that width placed at x lowers the loss by this map's length there, so it says
+    where the next Gaussian helps most and which way its weight should point.
+
+    ``scale`` "longest": divided per sample so that its longest vector has length 1. "image": divided per sample by
+    2 / N * mean |grad F|^2 / ndim, the factor between the map and the displacement still to go for a small
+    shift of an image with F's gradients (Gauss-Newton with an averaged Hessian), so it reads as voxels and grows
+    with the misalignment; the factor depends on F alone, not on how far apart the images are."""
     with torch.enable_grad():
         point = u.detach().requires_grad_(True)
         # border padding: with zeros, an image that is not zero at its edge gets a cliff there, whose slope
         # would make the edge look like the place where the loss falls fastest
         (gradient,) = torch.autograd.grad(losses.mse(fixed, warp(moving, point, padding_mode="border")), point)
     shape = fixed.shape[2:]
-    voxels = normalised_to_voxels(torch.full((len(shape),), width), shape)  # per axis
+    nd = len(shape)
+    voxels = normalised_to_voxels(torch.full((nd,), width), shape)  # per axis
     gradient = gaussian_smooth(gradient, voxels.tolist())
-    longest = gradient.norm(dim=1, keepdim=True).flatten(1).amax(1).clamp_min(1e-12)
-    return -gradient / longest.reshape(-1, *([1] * (gradient.dim() - 1)))
+    if scale == "longest":
+        divisor = gradient.norm(dim=1, keepdim=True).flatten(1).amax(1).clamp_min(1e-12)
+    elif scale == "image":
+        edges = sum(g.pow(2) for g in torch.gradient(fixed.detach(), dim=tuple(range(2, 2 + nd))))  # |grad F|^2
+        divisor = (2.0 / fixed.numel()) * edges.flatten(1).mean(1) / nd  # losses.mse averages over every element
+        divisor = divisor.clamp_min(1e-12 / fixed.numel())
+    else:
+        raise ValueError(f"scale must be 'longest' or 'image', got '{scale}'")
+    return -gradient / divisor.reshape(-1, *([1] * (gradient.dim() - 1)))
 
 
 class R2N2Network(nn.Module):
@@ -307,7 +326,7 @@ class R2N2Network(nn.Module):
 
     def similarity_gradient(self, fixed: torch.Tensor, moving: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """The network's gradient input: ``downhill_mse_gradient`` smoothed by half sigma_max."""
-        return downhill_mse_gradient(fixed, moving, u, 0.5 * self.config.sigma_max)
+        return downhill_mse_gradient(fixed, moving, u, 0.5 * self.config.sigma_max, self.config.gradient_scale)
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor, steps: int | None = None) -> list[torch.Tensor]:
         """Training: every step's displacement on the working grid (the caller upsamples)."""

@@ -238,14 +238,19 @@ def test_r2n2_sees_the_fixed_image_and_the_warped_moving_one_or_its_difference_f
     torch.testing.assert_close(stem_input[:, 1:2], moving - fixed if difference_input else moving)
 
 
+def smooth_random_image(shape, seed=0):
+    """A smooth random image in [0, 1]: gradients everywhere, no edge cliffs."""
+    torch.manual_seed(seed)
+    image = gaussian_smooth(torch.randn(1, 1, *shape), 2.0)
+    return (image - image.min()) / (image.max() - image.min())
+
+
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_with_gradient_input_r2n2_also_sees_where_and_which_way_the_mse_falls_fastest(ndim):
     # moving = fixed warped by one Gaussian displacement w centred at c: undoing it (u = -w near c) is downhill,
     # so the extra channels must be longest near c, of length 1 there, and point along -w
     shape = (40, 36) if ndim == 2 else (24, 20, 22)
-    torch.manual_seed(0)
-    fixed = gaussian_smooth(torch.randn(1, 1, *shape), 2.0)
-    fixed = (fixed - fixed.min()) / (fixed.max() - fixed.min())
+    fixed = smooth_random_image(shape)
     center = torch.tensor([[0.35, -0.3, 0.2][:ndim]])
     weight = torch.tensor([[0.12, 0.08, -0.1][:ndim]])
     bump = LocalDeformation(center, torch.full((1, ndim), 0.2), torch.zeros(1, 1 if ndim == 2 else 3), weight)
@@ -274,9 +279,7 @@ def test_the_image_scaled_gradient_input_reads_as_the_voxels_still_to_go_and_gro
     # "longest" says where and which way but not how far (its longest vector is always 1); "image" divides by a
     # constant of the fixed image only, so for a uniform shift of s voxels it is about s along the shift
     shape = (48, 44) if ndim == 2 else (32, 30, 28)
-    torch.manual_seed(0)
-    fixed = gaussian_smooth(torch.randn(1, 1, *shape), 2.0)
-    fixed = (fixed - fixed.min()) / (fixed.max() - fixed.min())
+    fixed = smooth_random_image(shape)
     interior = (0, slice(None), *[slice(8, -8)] * ndim)  # away from the border, where the smoothing replicates
     along, longest = {}, {}
     for s in (0.25, 0.5, 1.0):

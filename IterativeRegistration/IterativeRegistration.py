@@ -53,7 +53,7 @@ class IterativeRegistrationLogic(ScriptedLoadableModuleLogic):
         "Method": "classical", "Steps": "", "Device": "auto", "Checkpoint": "", "Similarity": "lncc",
         "RegularizationWeight": "1.0", "Tolerance": "0.0001", "ChannelVolumes": "true", "Jacobian": "true", "Centres": "true",
         "KeepPrevious": "true", "UsePrompts": "false", "Overlay": "moving image", "Series": "false", "FixedFrame": "0",
-        "Representation": "freeform", "WorkingSize": "0",
+        "Representation": "freeform", "WorkingSize": "0", "WeightSearch": "false",
     }
     REFERENCES = ("FixedVolume", "MovingVolume", "FixedLandmarks", "MovingLandmarks")
 
@@ -104,6 +104,8 @@ class IterativeRegistrationLogic(ScriptedLoadableModuleLogic):
         if "frame_axis" in option_names and p("Series") == "true":
             # a 2D+t series loads as a volume whose slices (array axis 0, K) are the time frames
             options["frame_axis"], options["fixed_frame"] = 0, int(p("FixedFrame") or 0)
+        if "weight_search" in option_names and p("WeightSearch") == "true":
+            options["weight_search"] = True
         return RunSettings(method=method, steps=int(p("Steps")) if p("Steps") else None,
                            checkpoint=p("Checkpoint") or None, device=p("Device") or "auto", options=options,
                            channel_volumes=p("ChannelVolumes") == "true", jacobian=p("Jacobian") == "true",
@@ -196,7 +198,8 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
                      self.ui.workingSizeSpinBox, self.ui.fixedFrameSpinBox):
             spin.valueChanged.connect(self.updateParameterNodeFromGUI)
         for box in (self.ui.channelVolumesCheckBox, self.ui.jacobianCheckBox, self.ui.centresCheckBox,
-                    self.ui.keepPreviousCheckBox, self.ui.promptCheckBox, self.ui.seriesCheckBox):
+                    self.ui.keepPreviousCheckBox, self.ui.promptCheckBox, self.ui.seriesCheckBox,
+                    self.ui.weightSearchCheckBox):
             box.toggled.connect(self.updateParameterNodeFromGUI)
         self.ui.runButton.clicked.connect(self.onRun)
         self.ui.cancelButton.clicked.connect(self.onCancel)
@@ -282,6 +285,7 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             self.ui.jacobianCheckBox.checked = p.GetParameter("Jacobian") == "true"
             self.ui.centresCheckBox.checked = p.GetParameter("Centres") != "false"
             self.ui.seriesCheckBox.checked = p.GetParameter("Series") == "true"
+            self.ui.weightSearchCheckBox.checked = p.GetParameter("WeightSearch") == "true"
             self.ui.fixedFrameSpinBox.value = int(p.GetParameter("FixedFrame") or 0)
             self.ui.keepPreviousCheckBox.checked = p.GetParameter("KeepPrevious") == "true"
             self.ui.promptCheckBox.checked = p.GetParameter("UsePrompts") == "true"
@@ -311,6 +315,7 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         p.SetParameter("Jacobian", "true" if self.ui.jacobianCheckBox.checked else "false")
         p.SetParameter("Centres", "true" if self.ui.centresCheckBox.checked else "false")
         p.SetParameter("Series", "true" if self.ui.seriesCheckBox.checked else "false")
+        p.SetParameter("WeightSearch", "true" if self.ui.weightSearchCheckBox.checked else "false")
         p.SetParameter("FixedFrame", str(self.ui.fixedFrameSpinBox.value))
         p.SetParameter("KeepPrevious", "true" if self.ui.keepPreviousCheckBox.checked else "false")
         p.SetParameter("UsePrompts", "true" if self.ui.promptCheckBox.checked else "false")
@@ -357,6 +362,7 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self.ui.toleranceSpinBox.enabled = "tolerance" in options
         self.ui.workingSizeSpinBox.enabled = "working_size" in options
         self.ui.seriesCheckBox.enabled = self.ui.fixedFrameSpinBox.enabled = "frame_axis" in options
+        self.ui.weightSearchCheckBox.enabled = "weight_search" in options
         for key, widget in (("regularization_weight", self.ui.regularizationSpinBox),
                             ("tolerance", self.ui.toleranceSpinBox)):
             if key in options:

@@ -17,8 +17,9 @@ import torch
 from iterreg.errors import InputError
 from iterreg.methods import get_method
 from iterreg.networks.iirp import IIRPConfig, RPNet, iterative_inference
-from iterreg.networks.r2n2 import (LocalDeformation, R2N2Config, R2N2Network, downhill_mse_gradient, features_at,
-                                   gaussian_displacement, rotation_matrix)
+from iterreg.networks.r2n2 import (WEIGHT_SEARCH_SCALES, LocalDeformation, R2N2Config, R2N2Network,
+                                   best_weight_scale, downhill_mse_gradient, features_at, gaussian_displacement,
+                                   rotation_matrix)
 from iterreg.spatial import gaussian_smooth, normalised_grid, warp
 
 from test_riir_deqreg import SHAPES, checkpoint, pair
@@ -300,6 +301,44 @@ def test_the_image_scaled_gradient_input_reads_as_the_voxels_still_to_go_and_gro
         R2N2Config(gradient_input=True, gradient_scale="max")
 
 
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_the_weight_search_picks_for_each_sample_the_factor_that_undoes_its_displacement(ndim):
+    # moving = fixed warped by one Gaussian w; proposed steps that undo a half, a third and twice w need the
+    # factors 2, 3 and 0.5, chosen per sample of a batch
+    shape = (48, 44) if ndim == 2 else (28, 26, 24)
+    fixed = smooth_random_image(shape)
+    bump = LocalDeformation(torch.tensor([[0.1, -0.2, 0.15][:ndim]]), torch.full((1, ndim), 0.25),
+                            torch.zeros(1, 1 if ndim == 2 else 3), torch.tensor([[0.06, -0.04, 0.05][:ndim]]))
+    w = gaussian_displacement(bump, shape)[0]  # about 1.5 voxels at its centre
+    moving = warp(fixed, w, padding_mode="border").expand(3, -1, *shape)
+    proposed = torch.cat([-w / 2, -w / 3, -2 * w])
+    chosen = best_weight_scale(fixed.expand(3, -1, *shape), moving, torch.zeros_like(proposed), proposed)
+    assert chosen.tolist() == [2.0, 3.0, 0.5]
+
+
+def test_with_the_weight_search_each_step_lowers_the_mse_at_least_as_much_as_the_networks_own_step():
+    fixed, moving = pair(2)
+    torch.manual_seed(0)
+    network = R2N2Network(R2N2Config(ndim=2, channels=(8, 8, 8, 16), weight_search=True))
+    torch.nn.init.normal_(network.parameters_net.fc[-1].weight, std=0.1)  # small steps: room to scale up
+    mse = lambda u: float(((warp(moving, u) - fixed) ** 2).mean())  # noqa: E731
+    with torch.no_grad():
+        states = list(network.iterate(fixed, moving, 4))
+    previous = torch.zeros_like(states[0].displacement)
+    for s in states:
+        assert float(s.weight_scale[0]) in WEIGHT_SEARCH_SCALES
+        own_step = s.local / s.weight_scale.reshape(-1, 1, 1, 1)
+        assert mse(s.displacement) <= mse(previous + own_step) + 1e-9
+        torch.testing.assert_close(gaussian_displacement(s.gaussian, SHAPES[2])[0], s.local)  # the scaled weight
+        previous = s.displacement
+    assert any(float(s.weight_scale[0]) != 1 for s in states)
+    with torch.no_grad():  # off for this call: the network's own steps
+        assert all(s.weight_scale is None for s in network.iterate(fixed, moving, 2, weight_search=False))
+    network.config = R2N2Config(ndim=2, channels=(8, 8, 8, 16), steps=2, weight_search=True)
+    sum(((warp(moving, u) - fixed) ** 2).mean() for u in network(fixed, moving)).backward()
+    assert network.parameters_net.fc[-1].weight.grad.abs().sum() > 0  # the factor is a constant for backprop
+
+
 def r2n2_checkpoint(tmp_path, ndim):
     path = checkpoint(tmp_path, "r2n2", ndim, channels=[8, 8, 8, 16])
     method = get_method("r2n2").create(path)
@@ -323,6 +362,18 @@ def test_an_r2n2_run_reports_each_gaussian_and_its_field_is_exact_on_the_image_g
         center = [s.metrics["center_0"], s.metrics["center_1"]]
         assert all(0 <= c <= n - 1 for c, n in zip(center, SHAPES[2]))
     torch.testing.assert_close(steps[-1].displacement, total, atol=1e-5, rtol=0)
+
+
+def test_the_weight_search_is_an_option_of_an_r2n2_run_that_reports_the_factor_it_chose(tmp_path):
+    method = r2n2_checkpoint(tmp_path, 2)
+    fixed, moving = pair(2)
+    plain = list(method.run(fixed, moving, steps=3))
+    assert all("weight_scale" not in s.metrics for s in plain)  # the bundled checkpoints run without it
+    method.options = type(method.options).from_dict({"weight_search": "true"})
+    searched = list(method.run(fixed, moving, steps=3))
+    assert all(s.metrics["weight_scale"] in WEIGHT_SEARCH_SCALES for s in searched)
+    total = sum(s.channels["local_deformation"][None] for s in searched)
+    torch.testing.assert_close(searched[-1].displacement, total, atol=1e-5, rtol=0)  # still exact on the image grid
 
 
 def test_a_single_slice_volume_registers_with_a_2d_checkpoint(tmp_path):

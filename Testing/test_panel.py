@@ -246,6 +246,20 @@ def test_series_mode_for_r2n2_lets_a_2d_plus_t_volume_be_both_fixed_and_moving(p
     assert settings.options["frame_axis"] == 0 and settings.options["fixed_frame"] == 3
 
 
+def test_r2n2s_weight_search_is_offered_only_for_r2n2_and_reaches_the_run_settings(panel, sample_pair):
+    widget, scene = panel
+    ui = widget.ui
+    select_pair(widget, scene, sample_pair)
+    ui.methodComboBox.currentIndex = ui.methodComboBox.findData("riir")
+    assert not ui.weightSearchCheckBox.enabled
+    ui.methodComboBox.currentIndex = ui.methodComboBox.findData("r2n2")
+    assert ui.weightSearchCheckBox.enabled and not ui.weightSearchCheckBox.checked
+    assert "weight_search" not in widget.logic.settings_from_parameters(widget._parameterNode).options  # as trained
+    ui.weightSearchCheckBox.checked = True
+    assert widget._parameterNode.GetParameter("WeightSearch") == "true"
+    assert widget.logic.settings_from_parameters(widget._parameterNode).options["weight_search"] is True
+
+
 def test_landmark_refinement_of_a_dio_result_can_be_watched_scored_and_undone(panel, qtbot, sample_pair,
                                                                               tmp_path):
     """The clinician's prompt workflow: register with DIO, place landmark pairs (slicer-core markups), refine,

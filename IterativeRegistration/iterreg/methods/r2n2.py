@@ -5,7 +5,7 @@ grid (:mod:`iterreg.networks.r2n2`) and evaluated exactly on the image grid (its
 grid). Streamed per step: the Gaussian's ``center_k`` (voxels of the image grid, array axis k), ``sigma_k``
 (widths as fractions of the half-extent, the paper's units), ``rotation`` (degrees; 3D: ``rotation_0..2``),
 ``weight_k`` (displacement at the centre, voxels) and ``confidence`` (the position network's, 0..2 per level,
-summed), with the standard metrics; channels ``local_deformation`` (this step's displacement), ``gaussian``
+summed) and, with the opt-in ``weight_search``, ``weight_scale`` (the factor it chose), with the standard metrics; channels ``local_deformation`` (this step's displacement), ``gaussian``
 (its profile, 0..1) and ``attention`` (the finest level's position soft-max: where the network looks). The parameters of the final transform are ``steps`` x (3 ndim + 1 | 3) numbers.
 
 Single-slice volumes (one axis of size 1) are registered in 2D with a 2D checkpoint. A 2D+t series stored as a
@@ -33,6 +33,9 @@ from ..spatial import normalised_to_voxels, spatial_ndim, warp
 class R2N2Options(WorkingGridOptions):
     frame_axis: int = -1  # >= 0: the volume is a 2D+t series with frames along this array axis
     fixed_frame: int = -1  # series: register every frame to this frame of the moving volume; -1: to the fixed
+    # True: scale each step's Gaussian weight by the factor (0.5-4) that lowers the MSE most (not in the paper;
+    # networks/r2n2.py); False: as the checkpoint was trained (the bundled ones: no search)
+    weight_search: bool = False
 
     def check(self) -> None:
         super().check()
@@ -115,7 +118,8 @@ class R2N2Method(LearnedIterativeMethod):
         previous = None
         total = None
         with torch.no_grad():
-            for t, state in enumerate(self.network.iterate(fixed_w, moving_w, steps)):
+            for t, state in enumerate(self.network.iterate(fixed_w, moving_w, steps,
+                                                                     weight_search=self.options.weight_search or None)):
                 local, profile = gaussian_displacement(state.gaussian, grid.image_shape)  # [F, 2 | 1, *frame]
                 total = local if total is None else total + local
                 volume_u = torch.zeros((1, 3, *fixed.shape[2:]), device=total.device, dtype=total.dtype)
@@ -137,11 +141,14 @@ class R2N2Method(LearnedIterativeMethod):
         displacement = init.to(self.device, torch.float32) if init is not None else None
         previous = start
         with torch.no_grad():
-            for t, state in enumerate(self.network.iterate(fixed_w, moving_w, steps, start)):
+            for t, state in enumerate(self.network.iterate(fixed_w, moving_w, steps, start,
+                                                                     weight_search=self.options.weight_search or None)):
                 g = state.gaussian
                 local, _ = gaussian_displacement(g, grid.image_shape)  # exact on the image grid
                 displacement = local if displacement is None else displacement + local
                 extra = {"confidence": float(state.confidences.sum())}
+                if state.weight_scale is not None:  # the weight search's factor (already in the weight below)
+                    extra["weight_scale"] = float(state.weight_scale[0])
                 center = normalised_to_voxels(g.center[0].cpu(), grid.image_shape, points=True)
                 weight = normalised_to_voxels(g.weight[0].cpu(), grid.image_shape)
                 for k in range(nd):

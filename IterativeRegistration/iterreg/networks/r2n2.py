@@ -32,6 +32,10 @@ from .config import DictConfig
 from .conv import conv
 from .unet import ConvGRU
 
+# candidate factors of the weight line search (R2N2Config.weight_search); 1 keeps the network's own step, so a step
+# never lowers the MSE less than the network's would
+WEIGHT_SEARCH_SCALES = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+
 __all__ = ["R2N2Config", "R2N2Network", "R2N2State", "gaussian_displacement", "gaussian_parameters"]
 
 
@@ -64,6 +68,10 @@ class R2N2Config(DictConfig):
     # it says where and which way but not how far; "image" by the fixed image's mean squared gradient, so that it
     # approximates the displacement still to go, in voxels, and grows with the misalignment (Docs/methods.md, R2N2)
     gradient_scale: str = "longest"
+    # each step's Gaussian weight is multiplied by the one of WEIGHT_SEARCH_SCALES that lowers the working grid's
+    # MSE most (a line search; the scale is a constant for backprop). Not in the paper: the networks find where
+    # and which way but not how far (Docs/benchmarks.md, r2n2-step-size), and the search supplies the size
+    weight_search: bool = False
     working_scale: float = 1.0  # the network's grid relative to the image grid (methods/learned.py)
 
     def __post_init__(self):
@@ -245,6 +253,7 @@ class R2N2State:
     confidences: torch.Tensor  # [B, 3]: the position network's confidence per level
     attention: list = None  # the position soft-max of each level, [B, 1, *level]
     moving_warped: torch.Tensor = None  # M o f_{t-1}, the image this step saw
+    weight_scale: torch.Tensor = None  # [B]: the factor the weight line search chose (None: no search)
 
 
 def downhill_mse_gradient(fixed: torch.Tensor, moving: torch.Tensor, u: torch.Tensor, width: float,
@@ -277,6 +286,15 @@ def downhill_mse_gradient(fixed: torch.Tensor, moving: torch.Tensor, u: torch.Te
     return -gradient / divisor.reshape(-1, *([1] * (gradient.dim() - 1)))
 
 
+def best_weight_scale(fixed: torch.Tensor, moving: torch.Tensor, u: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """Per sample, the factor of WEIGHT_SEARCH_SCALES by which adding ``local`` to ``u`` gives the lowest MSE
+    between ``fixed`` and the warped ``moving`` (the training loss's similarity); detached, ``[B]``."""
+    with torch.no_grad():
+        errors = torch.stack([(warp(moving, u + s * local) - fixed).pow(2).flatten(1).mean(1)
+                              for s in WEIGHT_SEARCH_SCALES])  # [scales, B]
+        return torch.tensor(WEIGHT_SEARCH_SCALES, dtype=u.dtype, device=u.device)[errors.argmin(0)]
+
+
 class R2N2Network(nn.Module):
     def __init__(self, config: R2N2Config):
         super().__init__()
@@ -291,8 +309,10 @@ class R2N2Network(nn.Module):
                                                config.sigma_max, ch[0] if config.center_features else 0)
 
     def iterate(self, fixed: torch.Tensor, moving: torch.Tensor, steps: int,
-                init: torch.Tensor | None = None) -> Iterator[R2N2State]:
-        """Run ``steps`` steps on images on the working grid, yielding each as it is done."""
+                init: torch.Tensor | None = None, weight_search: bool | None = None) -> Iterator[R2N2State]:
+        """Run ``steps`` steps on images on the working grid, yielding each as it is done. ``weight_search``:
+        None uses the checkpoint's ``config.weight_search``."""
+        search = self.config.weight_search if weight_search is None else weight_search
         shape = fixed.shape[2:]
         nd = self.config.ndim
         grid = normalised_grid(shape, fixed.device, fixed.dtype).expand(fixed.shape[0], -1, *shape)
@@ -321,8 +341,13 @@ class R2N2Network(nn.Module):
             sigma, weight, angles = self.parameters_net(x, at_center)
             gaussian = LocalDeformation(center, sigma, angles, weight)
             local, profile = gaussian_displacement(gaussian, shape)
+            scale = None
+            if search:
+                scale = best_weight_scale(fixed, moving, u, local)
+                gaussian = LocalDeformation(center, sigma, angles, weight * scale[:, None])
+                local = local * scale.reshape(-1, *([1] * (nd + 1)))
             u = u + local
-            yield R2N2State(u, local, profile, gaussian, weights, attentions, warped)
+            yield R2N2State(u, local, profile, gaussian, weights, attentions, warped, scale)
 
     def similarity_gradient(self, fixed: torch.Tensor, moving: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """The network's gradient input: ``downhill_mse_gradient`` smoothed by half sigma_max."""

@@ -5,8 +5,10 @@ grid (:mod:`iterreg.networks.r2n2`) and evaluated exactly on the image grid (its
 grid). Streamed per step: the Gaussian's ``center_k`` (voxels of the image grid, array axis k), ``sigma_k``
 (widths as fractions of the half-extent, the paper's units), ``rotation`` (degrees; 3D: ``rotation_0..2``),
 ``weight_k`` (displacement at the centre, voxels) and ``confidence`` (the position network's, 0..2 per level,
-summed) and, with the opt-in ``weight_search``, ``weight_scale`` (the factor it chose), with the standard metrics; channels ``local_deformation`` (this step's displacement), ``gaussian``
-(its profile, 0..1) and ``attention`` (the finest level's position soft-max: where the network looks). The parameters of the final transform are ``steps`` x (3 ndim + 1 | 3) numbers.
+summed) and, with the opt-in ``weight_search``, ``weight_scale`` (the factor it chose), with the standard
+metrics; channels ``local_deformation`` (this step's displacement), ``gaussian`` (its profile, 0..1) and
+``attention`` (the finest level's position soft-max: where the network looks). The parameters of the final
+transform are ``steps`` x (3 ndim + 1 | 3) numbers.
 
 Single-slice volumes (one axis of size 1) are registered in 2D with a 2D checkpoint. A 2D+t series stored as a
 3D volume (frames along ``frame_axis``) is registered frame by frame with a 2D checkpoint, the paper's use: every
@@ -118,8 +120,8 @@ class R2N2Method(LearnedIterativeMethod):
         previous = None
         total = None
         with torch.no_grad():
-            for t, state in enumerate(self.network.iterate(fixed_w, moving_w, steps,
-                                                                     weight_search=self.options.weight_search or None)):
+            search = self.options.weight_search or None  # None: as the checkpoint was trained
+            for t, state in enumerate(self.network.iterate(fixed_w, moving_w, steps, weight_search=search)):
                 local, profile = gaussian_displacement(state.gaussian, grid.image_shape)  # [F, 2 | 1, *frame]
                 total = local if total is None else total + local
                 volume_u = torch.zeros((1, 3, *fixed.shape[2:]), device=total.device, dtype=total.dtype)
@@ -141,8 +143,8 @@ class R2N2Method(LearnedIterativeMethod):
         displacement = init.to(self.device, torch.float32) if init is not None else None
         previous = start
         with torch.no_grad():
-            for t, state in enumerate(self.network.iterate(fixed_w, moving_w, steps, start,
-                                                                     weight_search=self.options.weight_search or None)):
+            search = self.options.weight_search or None  # None: as the checkpoint was trained
+            for t, state in enumerate(self.network.iterate(fixed_w, moving_w, steps, start, weight_search=search)):
                 g = state.gaussian
                 local, _ = gaussian_displacement(g, grid.image_shape)  # exact on the image grid
                 displacement = local if displacement is None else displacement + local

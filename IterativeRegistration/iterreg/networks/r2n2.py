@@ -288,7 +288,9 @@ def downhill_mse_gradient(fixed: torch.Tensor, moving: torch.Tensor, u: torch.Te
 
 def best_weight_scale(fixed: torch.Tensor, moving: torch.Tensor, u: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     """Per sample, the factor of WEIGHT_SEARCH_SCALES by which adding ``local`` to ``u`` gives the lowest MSE
-    between ``fixed`` and the warped ``moving`` (the training loss's similarity); detached, ``[B]``."""
+    between ``fixed`` and the warped ``moving`` (R2N2's training similarity); detached, ``[B]``. The search does
+    not look at folding: a factor that folds would have to lower the MSE most, and the networks' broad Gaussians
+    have not folded with it (Docs/benchmarks.md, r2n2-compactness*)."""
     with torch.no_grad():
         errors = torch.stack([(warp(moving, u + s * local) - fixed).pow(2).flatten(1).mean(1)
                               for s in WEIGHT_SEARCH_SCALES])  # [scales, B]

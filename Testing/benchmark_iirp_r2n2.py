@@ -239,7 +239,7 @@ def compactness(args) -> str:
     import torch
 
     from iterreg.methods import get_method
-    from iterreg.networks.r2n2 import rotation_angle_count
+    from iterreg.networks.r2n2 import WEIGHT_SEARCH_SCALES, rotation_angle_count
 
     torch.set_num_threads(2)
     nd = args.ndim
@@ -304,9 +304,9 @@ def compactness(args) -> str:
                 time_ratio(rs)]
     network_label = lambda n, search: (f"R2N2, {n} Gaussians" if n == steps_used else  # noqa: E731
                                        f"R2N2, its first {n} Gaussians") + (" + weight search" if search else "")
+    networks = sorted(network_all.items(), key=lambda item: (item[0][1], item[0][0]))  # plain first, then searched
     rows = [row("identity", identity_all, "0")]
-    rows += [row(network_label(n, search), rs, f"{mean(rs, 'params'):.0f}")
-             for (n, search), rs in sorted(network_all.items(), key=lambda item: (item[0][1], item[0][0]))]
+    rows += [row(network_label(n, search), rs, f"{mean(rs, 'params'):.0f}") for (n, search), rs in networks]
     rows.append(row("classical (dense, ours)", classical_all, f"{nd * voxels}"))
     rows += [row(f"{n} Gaussians fitted to each pair (no network)", fitted_all[n], f"{mean(fitted_all[n], 'params'):.0f}")
              for n in fitted_counts]
@@ -329,8 +329,7 @@ def compactness(args) -> str:
                  f"{grid[1]:.0f} parameters ({100 * params / grid[1]:.0f}% of them)." if grid else
                  "no B-spline grid tried is as accurate."))
 
-    verdict = " ".join([versus_grids(network_label(n, search), rs) for (n, search), rs in
-                        sorted(network_all.items(), key=lambda item: (item[0][1], item[0][0]))] +
+    verdict = " ".join([versus_grids(network_label(n, search), rs) for (n, search), rs in networks] +
                        [versus_grids(f"{n} fitted Gaussians", fitted_all[n]) for n in fitted_counts] +
                        ["(The paper: R2N2 needs ~7.6% of a grid's parameters.)"])
     if args.region_mm is not None:
@@ -363,7 +362,8 @@ def compactness(args) -> str:
         "(`fit_gaussians`): how compact the representation is, apart from what the network has learned (its "
         "time is that of this unoptimised fit). 'Its first 8 Gaussians': a separate run of that many steps. '+ weight "
         "search': the same checkpoint with the opt-in option `weight_search` (each step's weight times the factor "
-        "of 0.5-4 that lowers the MSE most; not in the paper).", "", table, "", verdict])
+        f"of {', '.join(f'{s:g}' for s in WEIGHT_SEARCH_SCALES)} that lowers the MSE most; not in the paper).", "",
+        table, "", verdict])
 
 
 def series(args) -> str:

@@ -54,6 +54,7 @@ class IterativeRegistrationLogic(ScriptedLoadableModuleLogic):
         "RegularizationWeight": "1.0", "Tolerance": "0.0001", "ChannelVolumes": "true", "Jacobian": "true", "Centres": "true",
         "KeepPrevious": "true", "UsePrompts": "false", "Overlay": "moving image", "Series": "false", "FixedFrame": "0",
         "Representation": "freeform", "WorkingSize": "0", "WeightSearch": "false",
+        "RefineIterations": "0",
     }
     REFERENCES = ("FixedVolume", "MovingVolume", "FixedLandmarks", "MovingLandmarks")
 
@@ -106,6 +107,8 @@ class IterativeRegistrationLogic(ScriptedLoadableModuleLogic):
             options["frame_axis"], options["fixed_frame"] = 0, int(p("FixedFrame") or 0)
         if "weight_search" in option_names and p("WeightSearch") == "true":
             options["weight_search"] = True
+        if "refine_iterations" in option_names and int(p("RefineIterations") or 0) > 0:  # 0: the network's own
+            options["refine_iterations"] = int(p("RefineIterations"))
         return RunSettings(method=method, steps=int(p("Steps")) if p("Steps") else None,
                            checkpoint=p("Checkpoint") or None, device=p("Device") or "auto", options=options,
                            channel_volumes=p("ChannelVolumes") == "true", jacobian=p("Jacobian") == "true",
@@ -195,7 +198,7 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self.ui.checkpointComboBox.currentIndexChanged.connect(self.onCheckpointChanged)
         self.ui.overlayComboBox.currentIndexChanged.connect(self.onOverlayChanged)
         for spin in (self.ui.stepsSpinBox, self.ui.regularizationSpinBox, self.ui.toleranceSpinBox,
-                     self.ui.workingSizeSpinBox, self.ui.fixedFrameSpinBox):
+                     self.ui.workingSizeSpinBox, self.ui.fixedFrameSpinBox, self.ui.refineGaussianSpinBox):
             spin.valueChanged.connect(self.updateParameterNodeFromGUI)
         for box in (self.ui.channelVolumesCheckBox, self.ui.jacobianCheckBox, self.ui.centresCheckBox,
                     self.ui.keepPreviousCheckBox, self.ui.promptCheckBox, self.ui.seriesCheckBox,
@@ -286,6 +289,7 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             self.ui.centresCheckBox.checked = p.GetParameter("Centres") != "false"
             self.ui.seriesCheckBox.checked = p.GetParameter("Series") == "true"
             self.ui.weightSearchCheckBox.checked = p.GetParameter("WeightSearch") == "true"
+            self.ui.refineGaussianSpinBox.value = int(p.GetParameter("RefineIterations") or 0)
             self.ui.fixedFrameSpinBox.value = int(p.GetParameter("FixedFrame") or 0)
             self.ui.keepPreviousCheckBox.checked = p.GetParameter("KeepPrevious") == "true"
             self.ui.promptCheckBox.checked = p.GetParameter("UsePrompts") == "true"
@@ -316,6 +320,7 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         p.SetParameter("Centres", "true" if self.ui.centresCheckBox.checked else "false")
         p.SetParameter("Series", "true" if self.ui.seriesCheckBox.checked else "false")
         p.SetParameter("WeightSearch", "true" if self.ui.weightSearchCheckBox.checked else "false")
+        p.SetParameter("RefineIterations", str(self.ui.refineGaussianSpinBox.value))
         p.SetParameter("FixedFrame", str(self.ui.fixedFrameSpinBox.value))
         p.SetParameter("KeepPrevious", "true" if self.ui.keepPreviousCheckBox.checked else "false")
         p.SetParameter("UsePrompts", "true" if self.ui.promptCheckBox.checked else "false")
@@ -363,6 +368,7 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self.ui.workingSizeSpinBox.enabled = "working_size" in options
         self.ui.seriesCheckBox.enabled = self.ui.fixedFrameSpinBox.enabled = "frame_axis" in options
         self.ui.weightSearchCheckBox.enabled = "weight_search" in options
+        self.ui.refineGaussianSpinBox.enabled = "refine_iterations" in options
         for key, widget in (("regularization_weight", self.ui.regularizationSpinBox),
                             ("tolerance", self.ui.toleranceSpinBox)):
             if key in options:

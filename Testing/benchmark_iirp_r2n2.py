@@ -165,8 +165,8 @@ def fit_gaussians(fixed, moving, count: int, sigma_max: float, tv_weight: float,
     import torch
 
     from iterreg import losses
-    from iterreg.networks.r2n2 import (LocalDeformation, downhill_mse_gradient, gaussian_displacement,
-                                       gaussian_parameters, rotation_angle_count)
+    from iterreg.networks.r2n2 import (downhill_mse_gradient, gaussian_displacement, gaussian_from_raw,
+                                       rotation_angle_count)
     from iterreg.spatial import normalised_grid, warp
 
     shape = tuple(fixed.shape[2:])
@@ -175,9 +175,7 @@ def fit_gaussians(fixed, moving, count: int, sigma_max: float, tv_weight: float,
     def field(raws, base=None):
         u = fixed.new_zeros(1, nd, *shape) if base is None else base
         for r in raws:  # r = [centre nd (tanh: inside the image, as a soft-argmax), the parameter network's outputs]
-            sigma, weight, rotation = gaussian_parameters(r[:, nd:], nd, sigma_max)
-            g = LocalDeformation(center=torch.tanh(r[:, :nd]), sigma=sigma, weight=weight, angles=rotation)
-            u = u + gaussian_displacement(g, shape)[0]
+            u = u + gaussian_displacement(gaussian_from_raw(r, nd, sigma_max), shape)[0]
         return u
 
     def loss(raws, base=None):
@@ -248,7 +246,9 @@ def compactness(args) -> str:
     meshes = (2, 3, 4, 6, 8, 12, 16) if nd == 2 else (2, 3, 4, 6, 8)
     sampling = None if nd == 2 else 0.1  # a 3D grid's L-BFGS-B on every voxel takes many minutes per mesh
     identity_all, classical_all, elastix_all = [], [], []
-    network_all = {}  # (Gaussians, weight search) -> scores: the network's transform at T and after its first 8
+    network_all = {}  # (Gaussians, variant) -> scores: the network's transform at T and after its first 8
+    variants = {"": {}, " + weight search": {"weight_search": True},  # the opt-in test-time options
+                f" + refinement ({args.refine_iterations} steps each)": {"refine_iterations": args.refine_iterations}}
     bspline_all = {m: [] for m in meshes}
     fitted_counts = (8, 25) if nd == 2 else (25, 50)
     fitted_all = {n: [] for n in fitted_counts}
@@ -259,15 +259,15 @@ def compactness(args) -> str:
         method = get_method("r2n2").create(args.checkpoint, ndim=nd)
         steps_used = args.r2n2_steps or method.network.config.steps
         list(method.run(pair.fixed, pair.moving, steps=1))  # warm-up: the timed runs below start alike
-        for search in (False, True):
-            method.options = type(method.options).from_dict({"weight_search": search})
+        for variant, options in variants.items():
+            method.options = type(method.options).from_dict(options)
             for n in sorted({min(8, steps_used), steps_used}):
                 start = time.perf_counter()
                 steps = list(method.run(pair.fixed, pair.moving, steps=n))
-                network_all.setdefault((n, search), []).append({
+                network_all.setdefault((n, variant), []).append({
                     **score(evaluation, steps[-1].displacement), "time": time.perf_counter() - start,
                     "params": n * method.network.config.parameter_count})
-        r2n2 = network_all[(steps_used, False)][-1]
+        r2n2 = network_all[(steps_used, "")][-1]
         classical = get_method("classical").create()
         start = time.perf_counter()
         csteps = list(classical.run(pair.fixed, pair.moving))
@@ -290,23 +290,25 @@ def compactness(args) -> str:
             fitted_all[n].append({**score(evaluation, u), "time": time.perf_counter() - start,
                                   "params": n * config.parameter_count})
         print(f"pair {seed}: identity TRE {identity_all[-1]['tre']:.2f}, R2N2 {r2n2['tre']:.2f} ({r2n2['params']} "
-              f"numbers), with the weight search {network_all[(steps_used, True)][-1]['tre']:.2f}, classical "
+              "numbers), " + ", ".join(f"{v.strip(' +')} {network_all[(steps_used, v)][-1]['tre']:.2f}"
+                                       for v in variants if v) + ", classical "
               f"{classical_all[-1]['tre']:.2f}, elastix "
               f"{elastix['tre'] if elastix else float('nan'):.2f}, B-spline " +
               ", ".join(f"{m}:{bspline_all[m][-1]['tre']:.2f}" for m in meshes) + ", fitted Gaussians " +
               ", ".join(f"{n}:{fitted_all[n][-1]['tre']:.2f}" for n in fitted_counts), flush=True)
     mean = lambda rs, key: float(np.mean([r[key] for r in rs]))  # noqa: E731
-    reference, reference_name = (elastix_all, "elastix") if elastix_all else (network_all[(steps_used, False)], "R2N2")
+    reference, reference_name = (elastix_all, "elastix") if elastix_all else (network_all[(steps_used, "")], "R2N2")
     time_ratio = lambda rs: f"{mean(rs, 'time') / mean(reference, 'time'):.2f}" if rs and "time" in rs[0] else "-"  # noqa: E731
 
     def row(name, rs, params):
         return [name, f"{mean(rs, 'dice'):.3f}", f"{mean(rs, 'tre'):.2f}", f"{mean(rs, 'folding'):.3f}", params,
                 time_ratio(rs)]
-    network_label = lambda n, search: (f"R2N2, {n} Gaussians" if n == steps_used else  # noqa: E731
-                                       f"R2N2, its first {n} Gaussians") + (" + weight search" if search else "")
-    networks = sorted(network_all.items(), key=lambda item: (item[0][1], item[0][0]))  # plain first, then searched
+    network_label = lambda n, variant: (f"R2N2, {n} Gaussians" if n == steps_used else  # noqa: E731
+                                        f"R2N2, its first {n} Gaussians") + variant
+    order = list(variants)
+    networks = sorted(network_all.items(), key=lambda item: (order.index(item[0][1]), item[0][0]))  # plain first
     rows = [row("identity", identity_all, "0")]
-    rows += [row(network_label(n, search), rs, f"{mean(rs, 'params'):.0f}") for (n, search), rs in networks]
+    rows += [row(network_label(n, variant), rs, f"{mean(rs, 'params'):.0f}") for (n, variant), rs in networks]
     rows.append(row("classical (dense, ours)", classical_all, f"{nd * voxels}"))
     rows += [row(f"{n} Gaussians fitted to each pair (no network)", fitted_all[n], f"{mean(fitted_all[n], 'params'):.0f}")
              for n in fitted_counts]
@@ -329,7 +331,7 @@ def compactness(args) -> str:
                  f"{grid[1]:.0f} parameters ({100 * params / grid[1]:.0f}% of them)." if grid else
                  "no B-spline grid tried is as accurate."))
 
-    verdict = " ".join([versus_grids(network_label(n, search), rs) for (n, search), rs in networks] +
+    verdict = " ".join([versus_grids(network_label(n, variant), rs) for (n, variant), rs in networks] +
                        [versus_grids(f"{n} fitted Gaussians", fitted_all[n]) for n in fitted_counts] +
                        ["(The paper: R2N2 needs ~7.6% of a grid's parameters.)"])
     if args.region_mm is not None:
@@ -362,7 +364,10 @@ def compactness(args) -> str:
         "(`fit_gaussians`): how compact the representation is, apart from what the network has learned (its "
         "time is that of this unoptimised fit). 'Its first 8 Gaussians': a separate run of that many steps. '+ weight "
         "search': the same checkpoint with the opt-in option `weight_search` (each step's weight times the factor "
-        f"of {', '.join(f'{s:g}' for s in WEIGHT_SEARCH_SCALES)} that lowers the MSE most; not in the paper).", "",
+        f"of {', '.join(f'{s:g}' for s in WEIGHT_SEARCH_SCALES)} that lowers the MSE most; not in the paper). "
+        "'+ refinement': the same checkpoint with the opt-in option `refine_iterations` (each step's Gaussian, "
+        f"centre, widths, rotation and weight, refined by {args.refine_iterations} Adam steps on the MSE of the "
+        "working grid before it is added; not in the paper).", "",
         table, "", verdict])
 
 
@@ -557,6 +562,8 @@ def main() -> int:
     parser.add_argument("--ndim", type=int, choices=(2, 3), default=2, help="compactness: 2D slices (the paper) or 3D")
     parser.add_argument("--first-seed", type=int, default=200)
     parser.add_argument("--r2n2-steps", type=int, default=0, help="Gaussians per pair (0: the checkpoint's trained T)")
+    parser.add_argument("--refine-iterations", type=int, default=10, help="compactness: Adam steps per Gaussian of "
+                        "the '+ refinement' rows (the option refine_iterations)")
     parser.add_argument("--region-mm", type=float, default=None, help="compactness, 2D: pairs with a local "
                         "motion within a Gaussian window this wide (section r2n2-compactness-local)")
     parser.add_argument("--frames", type=int, default=10)

@@ -19,7 +19,7 @@ from iterreg.methods import get_method
 from iterreg.networks.iirp import IIRPConfig, RPNet, iterative_inference
 from iterreg.networks.r2n2 import (WEIGHT_SEARCH_SCALES, LocalDeformation, R2N2Config, R2N2Network,
                                    best_weight_scale, downhill_mse_gradient, features_at, gaussian_displacement,
-                                   rotation_matrix)
+                                   gaussian_from_raw, gaussian_raw, refine_gaussian, rotation_matrix)
 from iterreg.spatial import gaussian_smooth, normalised_grid, warp
 
 from test_riir_deqreg import SHAPES, checkpoint, pair
@@ -338,6 +338,59 @@ def test_with_the_weight_search_each_step_lowers_the_mse_at_least_as_much_as_the
     assert network.parameters_net.fc[-1].weight.grad.abs().sum() > 0  # the factor is a constant for backprop
 
 
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_a_gaussians_unbounded_parameters_give_back_the_same_gaussian(ndim):
+    angles = torch.tensor([[0.7, 2.9]]).T if ndim == 2 else torch.tensor([[0.7, 2.0, 0.1], [2.9, 1.2, 3.0]])
+    g = LocalDeformation(torch.tensor([[0.3, -0.8, 0.5], [-0.1, 0.0, 0.9]])[:, :ndim],
+                         torch.tensor([[0.05, 0.2, 0.29], [0.12, 0.01, 0.15]])[:, :ndim], angles,
+                         torch.tensor([[0.02, -0.3, 0.0], [-0.05, 0.1, 0.6]])[:, :ndim])
+    back = gaussian_from_raw(gaussian_raw(g, 0.3), ndim, 0.3)
+    for name in ("center", "sigma", "angles", "weight"):
+        torch.testing.assert_close(getattr(back, name), getattr(g, name), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_refining_a_misplaced_gaussian_moves_it_towards_the_one_that_deformed_the_image(ndim):
+    # moving = fixed warped by one Gaussian w; two proposals to undo it, one off-centre and half as strong, one
+    # exact: the refinement brings the first closer to -w and lowers its MSE, and leaves the exact one as good
+    shape = (48, 44) if ndim == 2 else (28, 26, 24)
+    fixed = smooth_random_image(shape)
+    centre, sigma = torch.tensor([[0.1, -0.2, 0.15][:ndim]]), torch.full((1, ndim), 0.25)
+    angles, weight = torch.full((1, 1 if ndim == 2 else 3), 0.5), torch.tensor([[0.06, -0.04, 0.05][:ndim]])
+    w = gaussian_displacement(LocalDeformation(centre, sigma, angles, weight), shape)[0]
+    moving = warp(fixed, w, padding_mode="border").expand(2, -1, *shape)
+    proposals = LocalDeformation(torch.cat([centre + 0.12, centre]), sigma.expand(2, -1), angles.expand(2, -1),
+                                 torch.cat([-weight / 2, -weight]))
+    u = torch.zeros(2, ndim, *shape)
+    mse = lambda g: ((warp(moving, gaussian_displacement(g, shape)[0]) - fixed) ** 2).flatten(1).mean(1)  # noqa: E731
+    refined = refine_gaussian(fixed.expand(2, -1, *shape), moving, u, proposals, 0.3, iterations=30)
+    before, after = mse(proposals), mse(refined)
+    assert after[0] < 0.5 * before[0] and after[1] <= before[1] + 1e-9  # each sample on its own; never worse
+    error = lambda g: float((gaussian_displacement(g, shape)[0][0] + w[0]).norm(dim=0).max())  # noqa: E731
+    assert error(refined) < 0.6 * error(proposals)
+    assert float((refined.center[0] - centre[0]).norm()) < float((proposals.center[0] - centre[0]).norm())
+
+
+def test_with_refinement_each_step_adds_the_refined_gaussian_and_the_network_still_trains():
+    fixed, moving = pair(2)
+    torch.manual_seed(0)
+    network = R2N2Network(R2N2Config(ndim=2, channels=(8, 8, 8, 16)))
+    torch.nn.init.normal_(network.parameters_net.fc[-1].weight, std=0.1)
+    mse = lambda u: float(((warp(moving, u) - fixed) ** 2).mean())  # noqa: E731
+    with torch.no_grad():
+        plain = list(network.iterate(fixed, moving, 3))
+        refined = list(network.iterate(fixed, moving, 3, refine_iterations=10))
+    assert mse(refined[0].displacement) < mse(plain[0].displacement)  # the same first proposal, refined
+    previous = torch.zeros_like(refined[0].displacement)
+    for s in refined:
+        torch.testing.assert_close(gaussian_displacement(s.gaussian, SHAPES[2])[0], s.local)  # what is streamed
+        torch.testing.assert_close(s.displacement, previous + s.local)
+        previous = s.displacement
+    sum(((warp(moving, u) - fixed) ** 2).mean() for u in
+        (s.displacement for s in network.iterate(fixed, moving, 2, refine_iterations=3))).backward()
+    assert network.parameters_net.fc[-1].weight.grad.abs().sum() > 0  # the refinement is a constant for backprop
+
+
 def r2n2_checkpoint(tmp_path, ndim):
     path = checkpoint(tmp_path, "r2n2", ndim, channels=[8, 8, 8, 16])
     method = get_method("r2n2").create(path)
@@ -373,6 +426,21 @@ def test_the_weight_search_is_an_option_of_an_r2n2_run_that_reports_the_factor_i
     assert all(s.metrics["weight_scale"] in WEIGHT_SEARCH_SCALES for s in searched)
     total = sum(s.channels["local_deformation"][None] for s in searched)
     torch.testing.assert_close(searched[-1].displacement, total, atol=1e-5, rtol=0)  # still exact on the image grid
+
+
+def test_gaussian_refinement_is_an_option_of_an_r2n2_run_whose_field_stays_exact(tmp_path):
+    method = r2n2_checkpoint(tmp_path, 2)
+    fixed, moving = pair(2)
+    plain = list(method.run(fixed, moving, steps=3))
+    method.options = type(method.options).from_dict({"refine_iterations": "10"})
+    refined = list(method.run(fixed, moving, steps=3))
+    mse = lambda steps: float(((warp(moving, steps[-1].displacement) - fixed) ** 2).mean())  # noqa: E731
+    assert mse(refined) < 0.8 * mse(plain)  # the refinement's objective, on the image grid
+    assert any(refined[0].metrics[k] != plain[0].metrics[k] for k in ("center_0", "sigma_0", "weight_0"))
+    total = sum(s.channels["local_deformation"][None] for s in refined)
+    torch.testing.assert_close(refined[-1].displacement, total, atol=1e-5, rtol=0)
+    with pytest.raises(InputError, match="refine_iterations"):
+        type(method.options).from_dict({"refine_iterations": -1}).check()
 
 
 def test_a_single_slice_volume_registers_with_a_2d_checkpoint(tmp_path):

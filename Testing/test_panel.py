@@ -260,6 +260,20 @@ def test_r2n2s_weight_search_is_offered_only_for_r2n2_and_reaches_the_run_settin
     assert widget.logic.settings_from_parameters(widget._parameterNode).options["weight_search"] is True
 
 
+def test_r2n2s_gaussian_refinement_is_offered_only_for_r2n2_and_reaches_the_run_settings(panel, sample_pair):
+    widget, scene = panel
+    ui = widget.ui
+    select_pair(widget, scene, sample_pair)
+    ui.methodComboBox.currentIndex = ui.methodComboBox.findData("dio")
+    assert not ui.refineGaussianSpinBox.enabled
+    ui.methodComboBox.currentIndex = ui.methodComboBox.findData("r2n2")
+    assert ui.refineGaussianSpinBox.enabled and ui.refineGaussianSpinBox.value == 0
+    assert "refine_iterations" not in widget.logic.settings_from_parameters(widget._parameterNode).options  # off
+    ui.refineGaussianSpinBox.value = 10
+    assert widget._parameterNode.GetParameter("RefineIterations") == "10"
+    assert widget.logic.settings_from_parameters(widget._parameterNode).options["refine_iterations"] == 10
+
+
 def test_landmark_refinement_of_a_dio_result_can_be_watched_scored_and_undone(panel, qtbot, sample_pair,
                                                                               tmp_path):
     """The clinician's prompt workflow: register with DIO, place landmark pairs (slicer-core markups), refine,

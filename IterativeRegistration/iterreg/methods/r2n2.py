@@ -8,7 +8,8 @@ grid). Streamed per step: the Gaussian's ``center_k`` (voxels of the image grid,
 summed) and, with the opt-in ``weight_search``, ``weight_scale`` (the factor it chose), with the standard
 metrics; channels ``local_deformation`` (this step's displacement), ``gaussian`` (its profile, 0..1) and
 ``attention`` (the finest level's position soft-max: where the network looks). The parameters of the final
-transform are ``steps`` x (3 ndim + 1 | 3) numbers.
+transform are ``steps`` x (3 ndim + 1 | 3) numbers. With the opt-in ``refine_iterations`` each Gaussian is refined
+on the images before it is added, and everything streamed is the refined Gaussian.
 
 Single-slice volumes (one axis of size 1) are registered in 2D with a 2D checkpoint. A 2D+t series stored as a
 3D volume (frames along ``frame_axis``) is registered frame by frame with a 2D checkpoint, the paper's use: every
@@ -38,6 +39,9 @@ class R2N2Options(WorkingGridOptions):
     # True: scale each step's Gaussian weight by the factor (0.5-4) that lowers the MSE most (not in the paper;
     # networks/r2n2.py); False: as the checkpoint was trained (the bundled ones: no search)
     weight_search: bool = False
+    # > 0: refine each step's Gaussian (centre, widths, rotation, weight) by this many Adam steps on the MSE
+    # before it is added (test-time refinement, not in the paper; networks/r2n2.py). 0: the network's own
+    refine_iterations: int = 0
 
     def check(self) -> None:
         super().check()
@@ -45,6 +49,9 @@ class R2N2Options(WorkingGridOptions):
             raise InputError(f"frame_axis must be -1 (not a series) or an array axis 0, 1 or 2, got {self.frame_axis}")
         if self.fixed_frame < -1:
             raise InputError(f"fixed_frame must be -1 (the fixed volume) or a frame index, got {self.fixed_frame}")
+        if not 0 <= self.refine_iterations <= 1000:
+            raise InputError(f"refine_iterations must be 0 (off) to 1000 Adam steps per Gaussian, got "
+                             f"{self.refine_iterations}; 10 is a good start")
 
 
 class R2N2Method(LearnedIterativeMethod):
@@ -121,7 +128,8 @@ class R2N2Method(LearnedIterativeMethod):
         total = None
         with torch.no_grad():
             search = self.options.weight_search or None  # None: as the checkpoint was trained
-            for t, state in enumerate(self.network.iterate(fixed_w, moving_w, steps, weight_search=search)):
+            for t, state in enumerate(self.network.iterate(fixed_w, moving_w, steps, weight_search=search,
+                                                                     refine_iterations=self.options.refine_iterations)):
                 local, profile = gaussian_displacement(state.gaussian, grid.image_shape)  # [F, 2 | 1, *frame]
                 total = local if total is None else total + local
                 volume_u = torch.zeros((1, 3, *fixed.shape[2:]), device=total.device, dtype=total.dtype)
@@ -144,7 +152,8 @@ class R2N2Method(LearnedIterativeMethod):
         previous = start
         with torch.no_grad():
             search = self.options.weight_search or None  # None: as the checkpoint was trained
-            for t, state in enumerate(self.network.iterate(fixed_w, moving_w, steps, start, weight_search=search)):
+            for t, state in enumerate(self.network.iterate(fixed_w, moving_w, steps, start, weight_search=search,
+                                                                     refine_iterations=self.options.refine_iterations)):
                 g = state.gaussian
                 local, _ = gaussian_displacement(g, grid.image_shape)  # exact on the image grid
                 displacement = local if displacement is None else displacement + local

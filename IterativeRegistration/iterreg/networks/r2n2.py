@@ -40,6 +40,7 @@ WEIGHT_SEARCH_SCALES = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
 # a 64-voxel grid for the centre. Measured on held-out local-motion slices: 0.03 and 0.1 lowered the MSE further but
 # made TRE worse (with folding), 0.005 was no better than 0.01 (Docs/benchmarks.md, r2n2-compactness-local)
 REFINE_LEARNING_RATE = 0.01
+SIGMA_FLOOR = 1e-4  # the narrowest width (normalised units): a Gaussian never collapses to zero width
 
 __all__ = ["R2N2Config", "R2N2Network", "R2N2State", "gaussian_displacement", "gaussian_parameters"]
 
@@ -246,7 +247,7 @@ class ParameterNetwork(nn.Module):
 def gaussian_parameters(raw: torch.Tensor, ndim: int, sigma_max: float):
     """Eq. 18's output ranges from unbounded numbers ``[B, 2 ndim + angles]``: widths sigmoid * sigma_max,
     weight tanh, rotation sigmoid * pi. Returns (sigma, weight, angles)."""
-    sigma = torch.sigmoid(raw[:, :ndim]) * sigma_max + 1e-4
+    sigma = torch.sigmoid(raw[:, :ndim]) * sigma_max + SIGMA_FLOOR
     weight = torch.tanh(raw[:, ndim:2 * ndim])
     angles = torch.sigmoid(raw[:, 2 * ndim:]) * math.pi
     return sigma, weight, angles
@@ -312,7 +313,7 @@ def gaussian_raw(g: LocalDeformation, sigma_max: float) -> torch.Tensor:
     def logit(x):
         x = x.clamp(1e-4, 1 - 1e-4)
         return torch.log(x) - torch.log1p(-x)
-    return torch.cat([torch.atanh(g.center.clamp(-0.999, 0.999)), logit((g.sigma - 1e-4) / sigma_max),
+    return torch.cat([torch.atanh(g.center.clamp(-0.999, 0.999)), logit((g.sigma - SIGMA_FLOOR) / sigma_max),
                       torch.atanh(g.weight.clamp(-0.999, 0.999)), logit(g.angles / math.pi)], 1)
 
 

@@ -109,6 +109,12 @@ class R2N2Method(LearnedIterativeMethod):
             yield Step(step.index, u, lambda s=step: s.warped.unsqueeze(2 + axis), _metrics_in_3d(step.metrics, axis),
                        channels, step.phase, step.final)
 
+    def _iterate(self, fixed_w, moving_w, steps, init=None):
+        """The network's steps on the working grid with this run's test-time options."""
+        return self.network.iterate(fixed_w, moving_w, steps, init,
+                                    weight_search=self.options.weight_search or None,  # None: as trained
+                                    refine_iterations=self.options.refine_iterations)
+
     def _run_series(self, fixed, moving, steps, prompts, init):
         steps = self.check_inputs(fixed, moving, steps)
         if prompts is not None or init is not None:
@@ -127,9 +133,7 @@ class R2N2Method(LearnedIterativeMethod):
         previous = None
         total = None
         with torch.no_grad():
-            search = self.options.weight_search or None  # None: as the checkpoint was trained
-            for t, state in enumerate(self.network.iterate(fixed_w, moving_w, steps, weight_search=search,
-                                                                     refine_iterations=self.options.refine_iterations)):
+            for t, state in enumerate(self._iterate(fixed_w, moving_w, steps)):
                 local, profile = gaussian_displacement(state.gaussian, grid.image_shape)  # [F, 2 | 1, *frame]
                 total = local if total is None else total + local
                 volume_u = torch.zeros((1, 3, *fixed.shape[2:]), device=total.device, dtype=total.dtype)
@@ -151,9 +155,7 @@ class R2N2Method(LearnedIterativeMethod):
         displacement = init.to(self.device, torch.float32) if init is not None else None
         previous = start
         with torch.no_grad():
-            search = self.options.weight_search or None  # None: as the checkpoint was trained
-            for t, state in enumerate(self.network.iterate(fixed_w, moving_w, steps, start, weight_search=search,
-                                                                     refine_iterations=self.options.refine_iterations)):
+            for t, state in enumerate(self._iterate(fixed_w, moving_w, steps, start)):
                 g = state.gaussian
                 local, _ = gaussian_displacement(g, grid.image_shape)  # exact on the image grid
                 displacement = local if displacement is None else displacement + local

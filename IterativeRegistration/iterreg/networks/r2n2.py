@@ -296,14 +296,19 @@ def downhill_mse_gradient(fixed: torch.Tensor, moving: torch.Tensor, u: torch.Te
     return -gradient / divisor.reshape(-1, *([1] * (gradient.dim() - 1)))
 
 
+def per_sample_mse(fixed: torch.Tensor, moving: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``[B]``: the MSE between ``fixed`` and ``moving`` warped by ``u``, per sample (R2N2's training similarity,
+    zero padding as in training), for the test-time choices that must not mix the samples of a batch."""
+    return (warp(moving, u) - fixed).pow(2).flatten(1).mean(1)
+
+
 def best_weight_scale(fixed: torch.Tensor, moving: torch.Tensor, u: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     """Per sample, the factor of WEIGHT_SEARCH_SCALES by which adding ``local`` to ``u`` gives the lowest MSE
     between ``fixed`` and the warped ``moving`` (R2N2's training similarity); detached, ``[B]``. The search does
     not look at folding: a factor that folds would have to lower the MSE most, and the networks' broad Gaussians
     have not folded with it (Docs/benchmarks.md, r2n2-compactness*)."""
     with torch.no_grad():
-        errors = torch.stack([(warp(moving, u + s * local) - fixed).pow(2).flatten(1).mean(1)
-                              for s in WEIGHT_SEARCH_SCALES])  # [scales, B]
+        errors = torch.stack([per_sample_mse(fixed, moving, u + s * local) for s in WEIGHT_SEARCH_SCALES])
         return torch.tensor(WEIGHT_SEARCH_SCALES, dtype=u.dtype, device=u.device)[errors.argmin(0)]
 
 
@@ -336,7 +341,7 @@ def refine_gaussian(fixed: torch.Tensor, moving: torch.Tensor, u: torch.Tensor, 
     with torch.enable_grad():
         for k in range(iterations + 1):
             local, _ = gaussian_displacement(gaussian_from_raw(raw, nd, sigma_max), shape)
-            errors = (warp(moving, u.detach() + local) - fixed).pow(2).flatten(1).mean(1)  # [B]
+            errors = per_sample_mse(fixed, moving, u.detach() + local)
             with torch.no_grad():
                 better = errors < best
                 best = torch.minimum(best, errors)

@@ -112,8 +112,19 @@ def test_synthetic_local_motion_pairs_differ_only_in_one_region():
     assert validation.fixed_points.shape[1] == 2 and len(validation.fixed_points) >= 3  # as many as the region holds
     assert validation.fixed_labels is None  # chosen on TRE: the labels' overlap barely changes
     assert source.summary()["region_mm"] == 10.0
-    with pytest.raises(InputError, match="region_mm .* is for 2D"):
-        SyntheticSource((32, 32, 32), region_mm=10.0)
+    with pytest.raises(InputError, match="region_mm .* must be > 0"):
+        SyntheticSource((48, 48), region_mm=0.0)
+
+
+def test_synthetic_local_motion_in_3d_moves_one_region_of_the_volume():
+    from iterreg_train.datasets import SyntheticSource
+    source = SyntheticSource((32, 32, 32), subjects=2, validation_pairs=1, region_mm=12.0)
+    pair = source.train_pair(np.random.default_rng(0))
+    changed = (pair.fixed - pair.moving).abs()[0] > 0.05
+    assert pair.fixed.shape == (1, 32, 32, 32) and 0 < changed.float().mean() < 0.1
+    validation = source.validation_pairs()[0]
+    assert validation.fixed_points.shape[1] == 3 and len(validation.fixed_points) >= 3
+    assert source.summary()["pairs"] == "make_pair"
 
 
 def test_a_folder_of_images_with_labels(image_folder):

@@ -234,12 +234,14 @@ def _template_tensors(size: int) -> tuple[torch.Tensor, torch.Tensor, Geometry]:
 
 
 def make_pair(size: int = 64, seed: int = 0, magnitude_mm: float = 10.0, intensity_change: bool = True,
-              n_landmarks: int = 20) -> SamplePair:
-    """A 3D pair of ``size``^3 (64, 96, 128, ...) whose ground-truth displacement peaks at ``magnitude_mm``."""
+              n_landmarks: int = 20, region_mm: float | None = None) -> SamplePair:
+    """A 3D pair of ``size``^3 (64, 96, 128, ...) whose ground-truth displacement peaks at ``magnitude_mm``. With
+    ``region_mm`` the fields are confined to a Gaussian window of that width around a random point of the brain
+    (a local motion, the 3D counterpart of :func:`make_slice_pair`'s) and the landmarks lie where it moves."""
     if not 0 <= magnitude_mm <= 20:
         raise ValueError("magnitude_mm must be within 0-20 mm")
     template, labels, geometry = _template_tensors(size)
-    return _deformed_pair(template, labels, geometry, seed, magnitude_mm, intensity_change, n_landmarks)
+    return _deformed_pair(template, labels, geometry, seed, magnitude_mm, intensity_change, n_landmarks, region_mm)
 
 
 def deformed_template(size: int = 64, seed: int = 0, magnitude_mm: float = 6.0,

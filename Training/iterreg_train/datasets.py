@@ -234,9 +234,9 @@ class SyntheticSource(PairSource):
                              f"[n, n, n] or [n, n], got {list(self.shape)}")
         if subjects < 2 or validation_pairs < 1:
             raise InputError("synthetic data needs at least 2 subjects and 1 validation pair")
-        if region_mm is not None and (len(self.shape) != 2 or not region_mm > 0):
-            raise InputError(f"data.region_mm (a local motion) is for 2D slices and must be > 0 mm, got {region_mm} "
-                             f"with data.shape {list(self.shape)}; set it to null for whole-image deformations")
+        if region_mm is not None and not region_mm > 0:
+            raise InputError(f"data.region_mm (the width of a local motion) must be > 0 mm, got {region_mm}; set it "
+                             "to null for whole-image deformations")
         self.subjects, self.n_validation, self.magnitude_mm = subjects, validation_pairs, magnitude_mm
         self.region_mm = region_mm
         self._pool: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -253,11 +253,13 @@ class SyntheticSource(PairSource):
         return self._pool[index]
 
     def _local_pair(self, index: int) -> Pair:
-        """With ``region_mm``: generated pair ``index``, whose motion is local (make_slice_pair's region)."""
+        """With ``region_mm``: generated pair ``index``, whose motion is local (make_pair's / make_slice_pair's
+        region)."""
         if index not in self._local_pool:
-            from iterreg.sample_data import make_slice_pair
-            sample = make_slice_pair(self.shape[0], seed=self.TRAIN_SEED0 + index, magnitude_mm=self.magnitude_mm,
-                                     region_mm=self.region_mm)
+            from iterreg.sample_data import make_pair, make_slice_pair
+            make = make_pair if len(self.shape) == 3 else make_slice_pair
+            sample = make(self.shape[0], seed=self.TRAIN_SEED0 + index, magnitude_mm=self.magnitude_mm,
+                          region_mm=self.region_mm)
             self._local_pool[index] = self._pair_from_images(sample.fixed, sample.moving, sample.fixed_labels,
                                                              sample.moving_labels, name=f"local motion {index}")
         return self._local_pool[index]
@@ -278,13 +280,12 @@ class SyntheticSource(PairSource):
     def validation_pairs(self):
         from iterreg.sample_data import make_pair, make_slice_pair
         pairs = []
+        local = {} if self.region_mm is None else {"magnitude_mm": self.magnitude_mm, "region_mm": self.region_mm}
         for k in range(self.n_validation):
             if len(self.shape) == 3:
-                sample = make_pair(self.shape[0], seed=self.VALIDATION_SEED0 + k, n_landmarks=20)
+                sample = make_pair(self.shape[0], seed=self.VALIDATION_SEED0 + k, n_landmarks=20, **local)
             else:
-                sample = make_slice_pair(self.shape[0], seed=self.VALIDATION_SEED0 + k, n_landmarks=12,
-                                         **({} if self.region_mm is None else
-                                            {"magnitude_mm": self.magnitude_mm, "region_mm": self.region_mm}))
+                sample = make_slice_pair(self.shape[0], seed=self.VALIDATION_SEED0 + k, n_landmarks=12, **local)
             # a local motion barely changes the label maps' overlap: its landmarks (in the moving region) score
             # it, so the best checkpoint is chosen on TRE
             labels = (sample.fixed_labels, sample.moving_labels) if self.region_mm is None else (None, None)
@@ -305,7 +306,8 @@ class SyntheticSource(PairSource):
                 "training_seeds": [self.TRAIN_SEED0, self.TRAIN_SEED0 + self.subjects - 1],
                 "validation_seeds": [self.VALIDATION_SEED0, self.VALIDATION_SEED0 + self.n_validation - 1],
                 "magnitude_mm": self.magnitude_mm, "shape": list(self.shape)} | (
-                    {} if self.region_mm is None else {"region_mm": self.region_mm, "pairs": "make_slice_pair"})
+                    {} if self.region_mm is None else
+                    {"region_mm": self.region_mm, "pairs": "make_pair" if len(self.shape) == 3 else "make_slice_pair"})
 
 
 def open_source(data: str, config: dict) -> PairSource:

@@ -21,7 +21,7 @@ import numpy as np
 from benchmark_report import machine, markdown_table, write_section
 
 
-LOCAL_MAGNITUDE_MM = 6.0  # peak of a local motion (--region-mm): the magnitude of the synthetic training pairs
+LOCAL_MAGNITUDE_MM = 6.0  # default peak of a local motion (--region-mm): that of the synthetic training pairs
 
 
 def evaluation_for(sample):
@@ -48,14 +48,16 @@ def evaluation_for(sample):
     return evaluation
 
 
-def pairs(ndim: int, size: int, count: int, first_seed: int, region_mm: float | None = None):
-    """Held-out generated pairs; ``region_mm``: a local motion of 6 mm within a window that wide."""
+def pairs(ndim: int, size: int, count: int, first_seed: int, region_mm: float | None = None,
+          local_magnitude_mm: float = LOCAL_MAGNITUDE_MM):
+    """Held-out generated pairs; ``region_mm``: a local motion (peak ``local_magnitude_mm``) within a window that
+    wide."""
     from iterreg.imaging import prepare_pair
     from iterreg.sample_data import make_pair, make_slice_pair
     make = make_pair if ndim == 3 else make_slice_pair
     for k in range(count):
         if region_mm is not None:
-            sample = make(size, seed=first_seed + k, magnitude_mm=LOCAL_MAGNITUDE_MM, region_mm=region_mm)
+            sample = make(size, seed=first_seed + k, magnitude_mm=local_magnitude_mm, region_mm=region_mm)
         else:
             sample = make(size, seed=first_seed + k)
         yield first_seed + k, prepare_pair(sample.fixed, sample.moving), evaluation_for(sample), sample
@@ -255,7 +257,8 @@ def compactness(args) -> str:
     fitted_counts = (8, 25) if nd == 2 else (8, 16) if args.region_mm is not None else (25, 50)
     fitted_all = {n: [] for n in fitted_counts}
     steps_used = None
-    for seed, pair, evaluation, sample in pairs(nd, size, count, args.first_seed, args.region_mm):
+    for seed, pair, evaluation, sample in pairs(nd, size, count, args.first_seed, args.region_mm,
+                                                args.local_magnitude_mm):
         method = get_method("r2n2").create(args.checkpoint, ndim=nd)
         steps_used = args.r2n2_steps or method.network.config.steps
         list(method.run(pair.fixed, pair.moving, steps=1))  # warm-up: the timed runs below start alike
@@ -338,7 +341,7 @@ def compactness(args) -> str:
         title = ("## R2N2: compactness on a local motion (the kind of motion of its paper's cine data)" if nd == 2
                  else "## R2N2 in 3D: compactness on a local motion")
         data = (f"{'128^2 axial slice' if nd == 2 else f'{size}^3'} pairs whose motion is confined to a Gaussian "
-                f"window of {args.region_mm:g} mm around a random point of the brain (peak {LOCAL_MAGNITUDE_MM:g} mm; "
+                f"window of {args.region_mm:g} mm around a random point of the brain (peak {args.local_magnitude_mm:g} mm; "
                 f"`{'make_slice_pair' if nd == 2 else 'make_pair'}(region_mm=...)`; the landmarks lie where the "
                 "window exceeds 0.5, so TRE measures the moving region)")
     elif nd == 2:
@@ -349,6 +352,8 @@ def compactness(args) -> str:
                     f"{rotation_angle_count(nd)}, weight {nd}")
     command = "compactness" + ("" if nd == 2 else f" --ndim 3 --size {size} --pairs {count}") + (
         "" if args.region_mm is None else f" --region-mm {args.region_mm:g}") + (
+        "" if args.local_magnitude_mm == LOCAL_MAGNITUDE_MM else
+        f" --local-magnitude-mm {args.local_magnitude_mm:g}") + (
         "" if args.checkpoint is None else f" --checkpoint {args.checkpoint}")
     return "\n".join([
         title, "",
@@ -575,6 +580,8 @@ def main() -> int:
                         "the '+ refinement' rows (the option refine_iterations)")
     parser.add_argument("--region-mm", type=float, default=None, help="compactness: pairs with a local "
                         "motion within a Gaussian window this wide (section r2n2-compactness-local)")
+    parser.add_argument("--local-magnitude-mm", type=float, default=LOCAL_MAGNITUDE_MM, help="compactness: the "
+                        "local motion's peak (mm)")
     parser.add_argument("--frames", type=int, default=10)
     parser.add_argument("--checkpoint", default=None, help="an r2n2 checkpoint (default: the bundled one "
                         "of that dimension)")

@@ -125,6 +125,8 @@ def test_synthetic_local_motion_in_3d_moves_one_region_of_the_volume():
     validation = source.validation_pairs()[0]
     assert validation.fixed_points.shape[1] == 3 and len(validation.fixed_points) >= 3
     assert source.summary()["pairs"] == "make_pair"
+    with pytest.raises(InputError, match="magnitude_mm .* within 0-20 mm"):
+        SyntheticSource((32, 32, 32), magnitude_mm=25.0, region_mm=12.0)
 
 
 def test_a_folder_of_images_with_labels(image_folder):

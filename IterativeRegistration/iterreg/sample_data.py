@@ -233,13 +233,17 @@ def _template_tensors(size: int) -> tuple[torch.Tensor, torch.Tensor, Geometry]:
             torch.from_numpy(sitk.GetArrayFromImage(labels).astype(np.int64))[None, None], Geometry.of(t1))
 
 
-def make_pair(size: int = 64, seed: int = 0, magnitude_mm: float = 10.0, intensity_change: bool = True,
+def make_pair(size: int = 64, seed: int = 0, magnitude_mm: float = 10.0, intensity_change: bool | None = None,
               n_landmarks: int = 20, region_mm: float | None = None) -> SamplePair:
-    """A 3D pair of ``size``^3 (64, 96, 128, ...) whose ground-truth displacement peaks at ``magnitude_mm``. With
-    ``region_mm`` the fields are confined to a Gaussian window of that width around a random point of the brain
-    (a local motion, the 3D counterpart of :func:`make_slice_pair`'s) and the landmarks lie where it moves."""
+    """A 3D pair of ``size``^3 (64, 96, 128, ...) whose ground-truth displacement peaks at ``magnitude_mm``; the
+    moving image has another contrast (gamma, bias, noise), as a second subject or session would.
+    With ``region_mm`` the fields are confined to a Gaussian window of that width around a random point of the
+    brain and the landmarks lie where it moves: a local motion within one scan (the 3D counterpart of
+    :func:`make_slice_pair`'s, frames of a 4D series), so by default without the contrast change."""
     if not 0 <= magnitude_mm <= 20:
         raise ValueError("magnitude_mm must be within 0-20 mm")
+    if intensity_change is None:
+        intensity_change = region_mm is None
     template, labels, geometry = _template_tensors(size)
     return _deformed_pair(template, labels, geometry, seed, magnitude_mm, intensity_change, n_landmarks, region_mm)
 

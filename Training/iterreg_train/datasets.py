@@ -232,6 +232,9 @@ class SyntheticSource(PairSource):
         if len(set(self.shape)) != 1:
             raise InputError(f"synthetic data is generated on cubes or squares (axial slices); set data.shape to "
                              f"[n, n, n] or [n, n], got {list(self.shape)}")
+        if not 0 < magnitude_mm <= 20:
+            raise InputError(f"data.magnitude_mm (the generated motion's peak) must be within 0-20 mm, got "
+                             f"{magnitude_mm}")
         if subjects < 2 or validation_pairs < 1:
             raise InputError("synthetic data needs at least 2 subjects and 1 validation pair")
         if region_mm is not None and not region_mm > 0:
@@ -315,6 +318,7 @@ def open_source(data: str, config: dict) -> PairSource:
     shape = config["data"]["shape"]
     if data == "synthetic":
         return SyntheticSource(shape, config["data"]["synthetic_subjects"], config["data"]["validation_pairs"],
+                               magnitude_mm=config["data"].get("magnitude_mm", 6.0),
                                region_mm=config["data"].get("region_mm"))
     path = Path(data)
     if path.suffix == ".json":

@@ -317,9 +317,9 @@ def open_source(data: str, config: dict) -> PairSource:
     """``synthetic``, a Learn2Reg ``dataset.json``, or a folder with ``images/``."""
     shape = config["data"]["shape"]
     if data == "synthetic":
+        peak = {"magnitude_mm": config["data"]["magnitude_mm"]} if "magnitude_mm" in config["data"] else {}
         return SyntheticSource(shape, config["data"]["synthetic_subjects"], config["data"]["validation_pairs"],
-                               magnitude_mm=config["data"].get("magnitude_mm", 6.0),
-                               region_mm=config["data"].get("region_mm"))
+                               region_mm=config["data"].get("region_mm"), **peak)  # an older run's config: default
     path = Path(data)
     if path.suffix == ".json":
         return Learn2RegSource(path, shape)

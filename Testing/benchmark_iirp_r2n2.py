@@ -341,7 +341,8 @@ def compactness(args) -> str:
         title = ("## R2N2: compactness on a local motion (the kind of motion of its paper's cine data)" if nd == 2
                  else "## R2N2 in 3D: compactness on a local motion")
         data = (f"{'128^2 axial slice' if nd == 2 else f'{size}^3'} pairs whose motion is confined to a Gaussian "
-                f"window of {args.region_mm:g} mm around a random point of the brain (peak {args.local_magnitude_mm:g} mm; "
+                f"window of {args.region_mm:g} mm around a random point of the brain "
+                f"(peak {args.local_magnitude_mm:g} mm; "
                 f"`{'make_slice_pair' if nd == 2 else 'make_pair'}(region_mm=...)`; the landmarks lie where the "
                 "window exceeds 0.5, so TRE measures the moving region)")
     elif nd == 2:
@@ -579,7 +580,7 @@ def main() -> int:
     parser.add_argument("--refine-iterations", type=int, default=10, help="compactness: Adam steps per Gaussian of "
                         "the '+ refinement' rows (the option refine_iterations)")
     parser.add_argument("--region-mm", type=float, default=None, help="compactness: pairs with a local "
-                        "motion within a Gaussian window this wide (section r2n2-compactness-local)")
+                        "motion within a Gaussian window this wide (sections r2n2-compactness-local, -3d-local)")
     parser.add_argument("--local-magnitude-mm", type=float, default=LOCAL_MAGNITUDE_MM, help="compactness: the "
                         "local motion's peak (mm)")
     parser.add_argument("--frames", type=int, default=10)

@@ -34,9 +34,10 @@ from .spatial import (compose, gaussian_smooth, identity_grid, integrate_velocit
                       warp, warp_labels)
 
 __all__ = ["mni_template", "make_pair", "deformed_template", "make_slice_pair", "make_series", "on_coarser_grid",
-           "SamplePair", "write_pair", "read_pair", "LABEL_NAMES", "SOURCE"]
+           "SamplePair", "write_pair", "read_pair", "LABEL_NAMES", "MAX_MAGNITUDE_MM", "SOURCE"]
 
 LABEL_NAMES = {1: "CSF/other brain", 2: "grey matter", 3: "white matter"}
+MAX_MAGNITUDE_MM = 20.0  # the largest ground-truth peak the generators are asked for (a brain's motion, not a shift)
 SOURCE = ("MNI ICBM152 2009a nonlinear symmetric template (T1, GM and WM probability maps) as shipped in the "
           "nilearn wheel (nilearn/datasets/data); nilearn is BSD-3-Clause and the ICBM152 2009 templates are "
           "distributed under a permissive copyright notice (McConnell Brain Imaging Centre, MNI).")
@@ -240,8 +241,8 @@ def make_pair(size: int = 64, seed: int = 0, magnitude_mm: float = 10.0, intensi
     With ``region_mm`` the fields are confined to a Gaussian window of that width around a random point of the
     brain and the landmarks lie where it moves: a local motion within one scan (the 3D counterpart of
     :func:`make_slice_pair`'s, frames of a 4D series), so by default without the contrast change."""
-    if not 0 <= magnitude_mm <= 20:
-        raise ValueError("magnitude_mm must be within 0-20 mm")
+    if not 0 <= magnitude_mm <= MAX_MAGNITUDE_MM:
+        raise ValueError(f"magnitude_mm must be within 0-{MAX_MAGNITUDE_MM:g} mm")
     if intensity_change is None:
         intensity_change = region_mm is None
     template, labels, geometry = _template_tensors(size)

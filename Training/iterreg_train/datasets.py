@@ -232,9 +232,10 @@ class SyntheticSource(PairSource):
         if len(set(self.shape)) != 1:
             raise InputError(f"synthetic data is generated on cubes or squares (axial slices); set data.shape to "
                              f"[n, n, n] or [n, n], got {list(self.shape)}")
-        if not 0 < magnitude_mm <= 20:
-            raise InputError(f"data.magnitude_mm (the generated motion's peak) must be within 0-20 mm, got "
-                             f"{magnitude_mm}")
+        from iterreg.sample_data import MAX_MAGNITUDE_MM
+        if not 0 < magnitude_mm <= MAX_MAGNITUDE_MM:
+            raise InputError(f"data.magnitude_mm (the generated motion's peak) must be within 0-{MAX_MAGNITUDE_MM:g} "
+                             f"mm, got {magnitude_mm}")
         if subjects < 2 or validation_pairs < 1:
             raise InputError("synthetic data needs at least 2 subjects and 1 validation pair")
         if region_mm is not None and not region_mm > 0:

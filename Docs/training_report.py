@@ -56,7 +56,10 @@ def main() -> int:
             pair.moving_points = torch.tensor(geometry.ras_to_array_index(sample.moving_landmarks_ras), dtype=torch.float32)
             return [pair]
 
-    bundled_rows = evaluate(str(args.checkpoint), BundledPair(tuple(config["data"]["shape"])),
+    # scored on its own grid, as the demo registers it (its landmarks are voxels of that grid), whatever size
+    # the checkpoint was trained at
+    bundled_shape = tuple(reversed(read_pair(sample_pair_dir()).fixed.GetSize()))
+    bundled_rows = evaluate(str(args.checkpoint), BundledPair(bundled_shape),
                             references=("identity", "classical")) if meta.get("ndim", 3) == 3 else None
     def cell(value, digits: int) -> str:  # '-' where a score does not exist (pairs without labels: no Dice)
         return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"

@@ -15,7 +15,7 @@ PY=.venv/bin/python
 
 declare -A SECTIONS=(
     [baselines-64]="Testing/benchmark_baselines.py --size 64 --pairs 4 --first-seed 200"
-    [baselines-96]="Testing/benchmark_baselines.py --size 96 --pairs 3"
+    [baselines-96]="Testing/benchmark_baselines.py --size 96 --pairs 3 --first-seed 200"
     [baselines-128]="Testing/benchmark_baselines.py --size 128 --pairs 3 --first-seed 200"
     [memory]="Testing/benchmark_memory.py --sizes 48 96"
     [worker]="Testing/benchmark_worker.py --steps 30"

@@ -45,9 +45,10 @@ def main() -> int:
                          config)
     validation_rows = evaluate(str(args.checkpoint), source, references=("identity", "classical"))
 
+    sample = read_pair(sample_pair_dir())
+
     class BundledPair(SyntheticSource):  # the demo pair, scored the same way
         def validation_pairs(self):
-            sample = read_pair(sample_pair_dir())
             pair = self._pair_from_images(sample.fixed, sample.moving, sample.fixed_labels, sample.moving_labels,
                                           name="bundled mni_64")
             from iterreg.geometry import Geometry
@@ -58,8 +59,7 @@ def main() -> int:
 
     # scored on its own grid, as the demo registers it (its landmarks are voxels of that grid), whatever size
     # the checkpoint was trained at
-    bundled_shape = tuple(reversed(read_pair(sample_pair_dir()).fixed.GetSize()))
-    bundled_rows = evaluate(str(args.checkpoint), BundledPair(bundled_shape),
+    bundled_rows = evaluate(str(args.checkpoint), BundledPair(tuple(reversed(sample.fixed.GetSize()))),
                             references=("identity", "classical")) if meta.get("ndim", 3) == 3 else None
     def cell(value, digits: int) -> str:  # '-' where a score does not exist (pairs without labels: no Dice)
         return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"

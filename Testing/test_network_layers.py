@@ -37,3 +37,35 @@ def test_conv_builds_same_padded_2d_and_3d_layers_and_rejects_other_dimensions()
     assert conv(2, 3, 4, bias=False).bias is None
     with pytest.raises(ValueError, match="2D or 3D"):
         conv(1, 3, 4)
+
+
+def test_unet_channels_last_layout_gives_the_same_outputs_and_hands_back_contiguous_tensors():
+    from iterreg.networks.unet import RecurrentUNet, UNetConfig
+    torch.manual_seed(0)
+    config = UNetConfig(ndim=3, in_channels=2, out_channels=3, final_init_std=0.1, hidden_levels=(1,))
+    default = RecurrentUNet(config).eval()
+    fast = RecurrentUNet(config).eval()
+    fast.load_state_dict(default.state_dict())
+    assert fast.use_channels_last() is fast and fast.channels_last
+    assert fast.head.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    x = torch.randn(1, 2, 16, 16, 16)
+    with torch.no_grad():
+        expected, expected_hidden = default(x)
+        out, hidden = fast(x)
+        expected2, _ = default(x, expected_hidden)
+        out2, _ = fast(x, hidden)  # the hidden state it handed back feeds the next call as usual
+    for ours, reference in ((out, expected), (hidden[0], expected_hidden[0]), (out2, expected2)):
+        assert ours.is_contiguous()  # callers may .view() what a network returns
+        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+    assert fast.features.is_contiguous()
+    assert not RecurrentUNet(UNetConfig(ndim=2)).use_channels_last().channels_last  # 2D: left as it is
+
+
+def test_cpu_methods_run_their_3d_unets_channels_last():
+    from iterreg.methods import get_method
+    from iterreg.networks.unet import UNet
+    from iterreg.resources import default_checkpoint
+    for name in ("riir", "deqreg", "voxelmorph"):
+        method = get_method(name).from_checkpoint(default_checkpoint(name, ndim=3), device="cpu")
+        unets = [m for m in method.network.modules() if isinstance(m, UNet)]
+        assert unets and all(m.channels_last for m in unets), name

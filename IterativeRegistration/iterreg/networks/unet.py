@@ -80,7 +80,7 @@ class UNet(nn.Module):
         self.channels_last = False
 
     def use_channels_last(self) -> "UNet":
-        """Keep 3D activations and weights channels-last: oneDNN's CPU 3D convolutions run ~1.5x faster so
+        """Keep 3D activations and weights channels-last: oneDNN's CPU 3D convolutions run ~1.5x faster that way
         (this U-Net at 64^3, 2 threads, Docs/benchmarks.md). Outputs stay contiguous. No-op in 2D."""
         if self.config.ndim == 3:
             self.to(memory_format=torch.channels_last_3d)

@@ -1,4 +1,4 @@
-"""Shared network building blocks: the convolution every network is built from."""
+"""Shared network building blocks: the convolution every network is built from, and the U-Net's CPU layout."""
 import pytest
 import torch
 import torch.nn as nn

@@ -242,6 +242,17 @@ def test_training_from_the_cli_writes_checkpoints_logs_and_the_effective_config(
     assert "validation/fixed_moving_warped_field" in tags["images"]
 
 
+def test_cpu_training_runs_the_3d_unet_channels_last_and_saves_plain_checkpoints(tiny_run):
+    from iterreg.checkpoints import read_checkpoint
+    state = torch.load(tiny_run / "last_state.pt", weights_only=True)["model"]  # the weights as trained
+    convs = [v for v in state.values() if v.dim() == 5]
+    assert convs and all(v.is_contiguous(memory_format=torch.channels_last_3d) for v in convs)
+    weights, _ = read_checkpoint(tiny_run / "last.safetensors", "voxelmorph")  # what the module loads
+    assert all(v.is_contiguous() for v in weights.values())
+    for key in state:
+        assert torch.equal(state[key], weights[key]), key
+
+
 def test_an_existing_run_is_not_overwritten_without_resume(tiny_run, capsys):
     assert train_cli("--out", str(tiny_run), "--iterations", "4") == 2
     assert "pass --resume" in capsys.readouterr().err

@@ -27,6 +27,7 @@ from iterreg.checkpoints import save_checkpoint
 from iterreg.devices import resolve_device
 from iterreg.errors import InputError
 from iterreg.methods import get_method
+from iterreg.networks.unet import prefer_fast_cpu_layout
 from iterreg.metrics import dice
 from iterreg.spatial import sample_displacement_at, warp, warp_labels
 
@@ -191,7 +192,7 @@ def train(config: dict, source: PairSource, out: str | Path, resume: bool = Fals
     network = method_cls.build_network(architecture)
     if t_cfg.get("init_from") and not resume:
         _load_initial_weights(network, t_cfg["init_from"], config["method"])
-    network = network.to(device_t)
+    network = prefer_fast_cpu_layout(network.to(device_t), device_t)  # before the optimizer sees the weights
     model = network
     if ddp.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(

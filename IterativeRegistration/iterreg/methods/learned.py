@@ -16,7 +16,7 @@ import torch
 from .base import MethodOptions, RegistrationMethod, Step, standard_step_metrics
 from ..checkpoints import read_checkpoint
 from ..errors import InputError
-from ..networks.unet import UNet
+from ..networks.unet import prefer_fast_cpu_layout
 from ..spatial import resize_displacement, resize_image, rescale_voxel_vectors, spatial_ndim, vector_length, warp
 
 __all__ = ["load_network", "WorkingGrid", "working_shape", "WorkingGridOptions", "NetworkMethod",
@@ -87,11 +87,7 @@ class NetworkMethod(RegistrationMethod):
 
     def __init__(self, network, metadata: dict, options=None, device="cpu"):
         super().__init__(options, device)
-        self.network = network.to(self.device).eval()
-        if self.device.type == "cpu":  # measured faster there; GPUs keep the default layout until measured
-            for module in self.network.modules():
-                if isinstance(module, UNet):
-                    module.use_channels_last()
+        self.network = prefer_fast_cpu_layout(network.to(self.device).eval(), self.device)
         self.metadata = metadata
         training = metadata.get("training", {})
         self.similarity = training.get("similarity", "lncc")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .config import DictConfig
 from .conv import conv
 
-__all__ = ["UNet", "UNetConfig", "RecurrentUNet", "ConvGRU", "pad_to_multiple"]
+__all__ = ["UNet", "UNetConfig", "RecurrentUNet", "ConvGRU", "pad_to_multiple", "prefer_fast_cpu_layout"]
 
 
 @dataclass(frozen=True)
@@ -153,3 +153,13 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple
         pad += [0, t - n]
     crop = (slice(None), slice(None), *[slice(0, n) for n in shape])
     return (F.pad(x, pad) if any(pad) else x), crop
+
+
+def prefer_fast_cpu_layout(network: nn.Module, device: torch.device) -> nn.Module:
+    """On the CPU, run every U-Net inside ``network`` channels-last (see :meth:`UNet.use_channels_last`); one
+    place for the choice, used by inference and training alike. GPUs keep the default layout until measured."""
+    if torch.device(device).type == "cpu":
+        for module in network.modules():
+            if isinstance(module, UNet):
+                module.use_channels_last()
+    return network

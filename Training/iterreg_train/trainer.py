@@ -29,7 +29,7 @@ from iterreg.errors import InputError
 from iterreg.methods import get_method
 from iterreg.networks.unet import prefer_fast_cpu_layout
 from iterreg.metrics import dice
-from iterreg.spatial import sample_displacement_at, warp, warp_labels
+from iterreg.spatial import sample_displacement_at, vector_length, warp, warp_labels
 
 from .coarse_moving import CoarseMovingSettings
 from .datasets import Pair, PairSource
@@ -394,7 +394,7 @@ def _picture(method_cls, network, pair: Pair, device) -> torch.Tensor:
         u = method_cls.predict(network, fixed, moving)[-1]
         warped = warp(moving, u)
         network.train()
-    magnitude = u.norm(dim=1, keepdim=True)
+    magnitude = vector_length(u)[:, None]
     magnitude = magnitude / magnitude.max().clamp_min(1e-6)
     tiles = []
     for volume in (fixed, moving, warped, magnitude):

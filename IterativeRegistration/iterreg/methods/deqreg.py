@@ -16,6 +16,7 @@ from .base import Prompts, Step
 from .learned import LearnedIterativeMethod, WorkingGridOptions
 from ..errors import InputError
 from ..networks.deqreg import SOLVERS, DEQRegConfig, DEQRegNetwork
+from ..spatial import vector_length
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class DEQRegMethod(LearnedIterativeMethod):
             for state in states:
                 converged = state.relative_residual < tolerance
                 final = converged or state.iteration == steps
-                channels = {"residual_map": state.update[0].norm(dim=0, keepdim=True), "update": state.update[0]}
+                channels = {"residual_map": vector_length(state.update[:1]), "update": state.update[0]}
                 beyond = "" if state.iteration <= config.max_iter else f" (beyond the {config.max_iter} trained)"
                 phase = (f"iteration {state.iteration}/{steps}{beyond}, residual {state.relative_residual:.1e}"
                          + (" - converged" if converged else ""))

@@ -29,7 +29,7 @@ from .base import Prompts, Step, standard_step_metrics
 from .learned import LearnedIterativeMethod, WorkingGrid, WorkingGridOptions
 from ..errors import InputError
 from ..networks.r2n2 import R2N2Config, R2N2Network, gaussian_displacement
-from ..spatial import normalised_to_voxels, spatial_ndim, warp
+from ..spatial import normalised_to_voxels, spatial_ndim, vector_length, warp
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ class R2N2Method(LearnedIterativeMethod):
                 volume_u[:, in_plane] = as_volume(total)
                 metrics = standard_step_metrics(fixed_w, warp(moving_w, state.displacement), state.displacement,
                                                 previous, self.similarity, self.similarity_kwargs)
-                metrics["update_norm"] = float(local.norm(dim=1).max())
+                metrics["update_norm"] = float(vector_length(local).max())
                 metrics["frames"] = float(count)
                 channels = {"gaussian": as_volume(profile)[0]}
                 phase = f"step {t + 1}/{steps}: one Gaussian in each of {count} frames"

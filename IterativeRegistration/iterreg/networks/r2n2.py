@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from .. import losses
-from ..spatial import gaussian_smooth, normalised_grid, normalised_to_voxels, sample_at_voxels, vector_length, warp
+from ..spatial import gaussian_smooth, normalised_grid, normalised_to_voxels, sample_at_voxels, warp
 from .config import DictConfig
 from .conv import conv
 from .unet import ConvGRU
@@ -286,7 +286,9 @@ def downhill_mse_gradient(fixed: torch.Tensor, moving: torch.Tensor, u: torch.Te
     voxels = normalised_to_voxels(torch.full((nd,), width), shape)  # per axis
     gradient = gaussian_smooth(gradient, voxels.tolist())
     if scale == "longest":
-        divisor = vector_length(gradient).flatten(1).amax(1).clamp_min(1e-12)
+        # Tensor.norm kept (not the faster vector_length): their rounding differs, and over 25 steps that moved the
+        # recorded 3D results by ~0.002 Dice
+        divisor = gradient.norm(dim=1, keepdim=True).flatten(1).amax(1).clamp_min(1e-12)
     elif scale == "image":
         edges = sum(g.pow(2) for g in torch.gradient(fixed.detach(), dim=tuple(range(2, 2 + nd))))  # |grad F|^2
         divisor = (2.0 / fixed.numel()) * edges.flatten(1).mean(1) / nd  # losses.mse averages over every element

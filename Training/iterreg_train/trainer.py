@@ -27,8 +27,8 @@ from iterreg.checkpoints import save_checkpoint
 from iterreg.devices import resolve_device
 from iterreg.errors import InputError
 from iterreg.methods import get_method
-from iterreg.networks.unet import prefer_fast_cpu_layout
 from iterreg.metrics import dice
+from iterreg.networks.unet import prefer_fast_cpu_layout
 from iterreg.spatial import sample_displacement_at, vector_length, warp, warp_labels
 
 from .coarse_moving import CoarseMovingSettings

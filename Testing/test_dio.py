@@ -212,6 +212,34 @@ def test_one_checkpoint_runs_free_form_and_diffeomorphic_without_retraining(dio)
     assert not torch.allclose(results["freeform"], results["diffeomorphic"])
 
 
+@pytest.mark.parametrize("representation", ["freeform", "svf"])
+def test_a_step_computes_its_full_resolution_field_only_when_read_and_as_it_was_at_that_step(
+        dio, representation, monkeypatch):
+    """DIO streams hundreds of optimizer iterations, most never shown whole (a busy client gets their metrics only;
+    the command line keeps the last): a step upsamples its field when it is read, and still gives the field of
+    its own iteration however late it is read, also on a warm start; the divergence check uses a bound that
+    needs no full-resolution field."""
+    from iterreg.methods.base import finite_steps
+    from iterreg.methods.learned import WorkingGrid
+    fixed, moving = pair(2)
+    method = get_method("dio").create(dio, options={"representation": representation, "iterations": [6, 6, 6],
+                                                    "working_size": 24})
+    first = list(method.run(fixed, moving))[-1].displacement
+    upsampled = []
+    original = WorkingGrid.displacement_up
+    monkeypatch.setattr(WorkingGrid, "displacement_up", lambda self, u: upsampled.append(1) or original(self, u))
+    for init in (None, first):
+        eager = [step.displacement.clone() for step in method.run(fixed, moving, init=init)]
+        upsampled.clear()
+        steps = list(finite_steps(method, method.run(fixed, moving, init=init)))
+        assert len(steps) == len(eager) > 3 and upsampled == []
+        for step, field in zip(steps, eager):
+            torch.testing.assert_close(step.displacement, field)
+            assert float(field.abs().amax()) <= step.displacement_bound[0] + 1e-5
+            torch.testing.assert_close(step.warped, warp(moving, field))
+        assert len(upsampled) == len(steps)
+
+
 def test_the_method_refines_a_previous_result_with_landmark_prompts(dio):
     fixed, moving = pair(2)
     method = get_method("dio").create(dio, options={"iterations": [20, 20, 10], "prompt_radius_mm": 5.0})

@@ -47,6 +47,26 @@ def test_every_method_streams_well_formed_steps_in_order(name, small_pair, tmp_p
         assert all(np.isfinite(v) for v in step.metrics.values())
 
 
+def test_the_divergence_check_reads_a_steps_bound_and_leaves_its_lazy_field_alone():
+    """A method that iterates on a coarser grid gives each step a cheap bound of its field; a run is still
+    stopped at the first non-finite or runaway step, and no step's full-resolution field is computed for it."""
+    from types import SimpleNamespace
+    from iterreg.methods.base import Step, finite_steps
+
+    def never():
+        raise AssertionError("the full-resolution field was computed")
+
+    steps = [Step(0, never, never, {}, displacement_bound=(3.0, 40)),
+             Step(1, never, never, {}, displacement_bound=(float("nan"), 40))]
+    run = finite_steps(SimpleNamespace(name="riir"), iter(steps))
+    assert next(run).index == 0
+    with pytest.raises(InputError, match="diverged at step 2: its displacement is no longer finite"):
+        next(run)
+    runaway = Step(0, never, never, {}, displacement_bound=(81.0, 40))
+    with pytest.raises(InputError, match="81 voxels along an axis, more than twice the image's 40"):
+        next(finite_steps(SimpleNamespace(name="riir"), iter([runaway])))
+
+
 def test_identity_leaves_the_moving_image_in_place(small_pair):
     prepared = prepare_pair(small_pair.fixed, small_pair.moving)
     (step,) = get_method("identity").create().run(prepared.fixed, prepared.moving)

@@ -299,6 +299,30 @@ def test_a_warm_start_continues_from_the_given_field(tmp_path, method):
 
 
 @pytest.mark.parametrize("method", ["riir", "deqreg"])
+def test_a_step_upsamples_its_working_field_only_when_read(tmp_path, method, monkeypatch):
+    """On a coarser working grid most streamed steps are never shown whole (a busy client gets their metrics
+    only; the command line keeps the last), so a step upsamples its field on first access, once for both the
+    field and the warped image; the divergence check uses a bound from the working field instead."""
+    from iterreg.methods.base import finite_steps
+    from iterreg.methods.learned import WorkingGrid
+    upsampled = []
+    original = WorkingGrid.displacement_up
+    monkeypatch.setattr(WorkingGrid, "displacement_up", lambda self, u: upsampled.append(1) or original(self, u))
+    options = {"working_size": 12, **({"tolerance": 0.0} if method == "deqreg" else {})}  # all 3 steps
+    instance = get_method(method).create(checkpoint(tmp_path, method, 3), options=options)
+    fixed, moving = pair(3)
+    steps = list(finite_steps(instance, instance.run(fixed, moving, steps=3)))
+    assert len(steps) == 3 and upsampled == []
+    for step in steps:
+        field = step.displacement
+        assert field.shape == (1, 3, *SHAPES[3])
+        largest = float(field.abs().amax())
+        assert largest <= step.displacement_bound[0] <= 1.5 * largest and step.displacement_bound[1] == 28
+        torch.testing.assert_close(step.warped, warp(moving, field))
+    assert len(upsampled) == 3
+
+
+@pytest.mark.parametrize("method", ["riir", "deqreg"])
 def test_inference_is_deterministic_on_cpu(tmp_path, method):
     path = checkpoint(tmp_path, method, 3)
     fixed, moving = pair(3)

@@ -193,6 +193,16 @@ def _corner_aligned_factors(old_shape: Sequence[int], new_shape: Sequence[int]) 
     return [(n - 1) / max(o - 1, 1) for n, o in zip(new_shape, old_shape)]
 
 
+def largest_component(displacement: torch.Tensor, shape: Sequence[int] | None = None) -> torch.Tensor:
+    """Per axis, ``[ndim]``, the largest ``|u|`` of ``displacement`` (voxels), or an upper bound of it once
+    :func:`resize_displacement` takes it to ``shape``: linear interpolation never exceeds its nodes, so the
+    nodes' maxima, rescaled, bound it without resampling (NaN and Inf propagate)."""
+    per_axis = displacement.detach().abs().amax(dim=[d for d in range(displacement.dim()) if d != 1])
+    if shape is None:
+        return per_axis
+    return rescale_voxel_vectors(per_axis[None], displacement.shape[2:], shape)[0]
+
+
 def rescale_voxel_vectors(vectors: torch.Tensor, old_shape: Sequence[int], new_shape: Sequence[int]) -> torch.Tensor:
     """Express ``[B, ndim, ...]`` vectors given in voxels of a grid of ``old_shape`` in voxels of a grid of
     ``new_shape`` over the same field of view (corner-aligned: one old voxel along axis c is

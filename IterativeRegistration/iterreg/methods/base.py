@@ -47,21 +47,27 @@ class _ComputedOnAccess:
 class Step:
     """One iteration of a method.
 
-    - ``displacement``: ``[1, ndim, *spatial]`` voxels on the fixed grid (see :mod:`iterreg.spatial`).
-    - ``warped``: ``[1, 1, *spatial]`` normalised moving image warped by ``displacement`` (a method may pass a
-      zero-argument function instead; it is computed on first access).
+    - ``displacement``: ``[1, ndim, *spatial]`` voxels on the fixed grid (see :mod:`iterreg.spatial`). A method
+      may pass a zero-argument function instead (computed on first access), e.g. a working-grid field's
+      upsampling, which a run that streams only some steps (a busy client, the CLI) then skips.
+    - ``warped``: ``[1, 1, *spatial]`` normalised moving image warped by ``displacement`` (a function too, as
+      ``displacement``).
+    - ``displacement_bound``: ``(an upper bound of |displacement| in voxels along any axis, the fixed grid's
+      longest side)``, which a method with a lazy ``displacement`` knows cheaply; :func:`finite_steps` checks
+      it instead of computing the field.
     - ``metrics``: scalars; every method reports ``similarity`` (its loss, lower is better), ``regularizer``,
       ``update_norm`` (max |change of u| in voxels since the previous step) and ``folding_percent``.
     - ``channels``: named visualisation tensors ``[C, *spatial]`` (any resolution), e.g. hidden states.
     - ``phase``: human-readable position, e.g. ``"level 2/3, iteration 14"``.
     """
     index: int
-    displacement: torch.Tensor
+    displacement: torch.Tensor = _ComputedOnAccess()
     warped: torch.Tensor = _ComputedOnAccess()
     metrics: dict[str, float]
     channels: dict[str, torch.Tensor] = field(default_factory=dict)
     phase: str = ""
     final: bool = False
+    displacement_bound: tuple[float, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -252,10 +258,13 @@ def finite_steps(method: "RegistrationMethod", steps: Iterator[Step]) -> Iterato
     past what it was trained for can diverge (measured: a fine-tuned 2D DEQReg, Docs/training.md), and such a
     field must never reach the scene or disk."""
     for step in steps:
-        u = step.displacement
-        # one reduction per step (NaN and Inf propagate through amax): ~1.5 ms at 128^3, where isfinite().all()
-        # took 16 ms, a cost every streamed step would pay
-        largest, extent = float(u.abs().amax()), max(u.shape[2:])
+        if step.displacement_bound is not None:  # the method's cheap bound: the field itself may never be needed
+            largest, extent = float(step.displacement_bound[0]), int(step.displacement_bound[1])
+        else:
+            # one reduction per step (NaN and Inf propagate through amax): ~1.5 ms at 128^3, where
+            # isfinite().all() took 16 ms, a cost every streamed step would pay
+            u = step.displacement
+            largest, extent = float(u.abs().amax()), max(u.shape[2:])
         if not math.isfinite(largest):
             problem = "its displacement is no longer finite (NaN or Inf)"
         else:

@@ -18,8 +18,8 @@ from its copy resampled onto the fixed grid.
 """
 from __future__ import annotations
 
+import functools
 import math
-
 from dataclasses import dataclass, replace
 from typing import Iterator
 
@@ -31,9 +31,9 @@ from ..errors import InputError
 from ..feature_optimizer import FieldPrompts, SolverSettings, combine, differentiable_steps, \
     optimise, to_displacement
 from ..networks.dio import DIOConfig, FeatureNetwork
-from ..spatial import grid_rescaling, rescale_spacing, rescale_voxel_points, rescale_voxel_vectors, \
-    resize_displacement, resize_image, sample_through_index_map, shape_for_voxel_size, spatial_ndim, \
-    vector_length, warp
+from ..spatial import grid_rescaling, largest_component, rescale_spacing, rescale_voxel_points, \
+    rescale_voxel_vectors, resize_displacement, resize_image, sample_through_index_map, shape_for_voxel_size, \
+    spatial_ndim, vector_length, warp
 
 
 OWN_GRID_VOXELS = ("working", "acquired")  # see DIOOptions.own_grid_voxels
@@ -220,6 +220,7 @@ class DIOMethod(LearnedIterativeMethod):
         moving_features = [moving_features[k] for k in keep]
         rep = settings.representation
         previous, index = None, 0
+        base_largest = 0.0 if base_image is None else largest_component(base_image)
         monitor = {}  # per scale: the images the step metrics are computed on (the scale's grid)
         states = optimise(fixed_features, moving_features, settings, grid.shape, field_prompts, base, scales)
         for state in states:
@@ -231,9 +232,11 @@ class DIOMethod(LearnedIterativeMethod):
                     previous = None if previous is None else resize_displacement(previous, shape)
                 fixed_s, moving_s = monitor[k]
                 correction = to_displacement(state.variable, rep, settings.squarings)
-                displacement = grid.displacement_up(resize_displacement(correction, grid.shape))
-                if base_image is not None:  # keep the previous result's full-resolution detail
-                    displacement = combine(displacement, base_image, rep)
+                # The full-resolution field is computed only if it is read (a step streamed whole, the last),
+                # from this iteration's correction (the optimizer makes a new variable each iteration); the
+                # divergence check gets a bound: the correction's largest component, plus the base's.
+                largest = largest_component(correction, grid.image_shape) + base_largest
+                displacement = functools.cache(functools.partial(_full_field, grid, correction, base_image, rep))
                 # Metrics on the scale's grid, where the optimizer works: hundreds of iterations are streamed,
                 # and at the coarse scales these cost next to nothing (at 64^3 per step they cost as much as
                 # the optimizer's own iteration).
@@ -256,7 +259,8 @@ class DIOMethod(LearnedIterativeMethod):
                          + (": converged" if state.converged else ""))
                 final = state.last_at_scale and k == len(scales) - 1
                 step = Step(index, displacement, _warp_later(moving, displacement), metrics, channels=channels,
-                            phase=phase, final=final)
+                            phase=phase, final=final,
+                            displacement_bound=(float(largest.amax()), max(grid.image_shape)))
             yield step
             previous, index = state.displacement, index + 1
 
@@ -287,8 +291,16 @@ def features_from_own_grid(network, moving_own_grid, grid: WorkingGrid, fixed_fe
     return carried
 
 
+def _full_field(grid: WorkingGrid, correction, base_image, representation: str) -> torch.Tensor:
+    """A step's displacement on the image grid: its correction upsampled, after the base of a warm start
+    (kept at full resolution, so the previous result's detail stays)."""
+    displacement = grid.displacement_up(resize_displacement(correction, grid.shape))
+    return displacement if base_image is None else combine(displacement, base_image, representation)
+
+
 def _warp_later(moving, displacement):
-    return lambda: warp(moving, displacement)
+    """The moving image warped by a step's field (a tensor, or the function that computes it once)."""
+    return lambda: warp(moving, displacement() if callable(displacement) else displacement)
 
 
 def _nearest(labels: torch.Tensor, shape) -> torch.Tensor:

@@ -7,6 +7,7 @@ metric and result is computed on the full grid with the displacement upsampled, 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Sequence
@@ -17,7 +18,8 @@ from .base import MethodOptions, RegistrationMethod, Step, standard_step_metrics
 from ..checkpoints import read_checkpoint
 from ..errors import InputError
 from ..networks.unet import prefer_fast_cpu_layout
-from ..spatial import resize_displacement, resize_image, rescale_voxel_vectors, spatial_ndim, vector_length, warp
+from ..spatial import (largest_component, resize_displacement, resize_image, rescale_voxel_vectors, spatial_ndim,
+                       vector_length, warp)
 
 __all__ = ["load_network", "WorkingGrid", "working_shape", "WorkingGridOptions", "NetworkMethod",
            "LearnedIterativeMethod"]
@@ -165,15 +167,19 @@ class LearnedIterativeMethod(NetworkMethod):
         """A Step on the image grid from the working-grid state. Its metrics are computed on the working grid,
         where the network iterates (cheap at any image size); ``update_norm`` is in image voxels (exact: the
         upsampling is linear, so the largest change sits on a working-grid node); the full-resolution warped
-        image is computed only if someone asks for it. ``displacement`` on the image grid may be given when the
-        method has it exactly (R2N2's Gaussians); otherwise it is the upsampled working field."""
+        image and the upsampled displacement are computed only if someone asks for them (a streamed step whose
+        arrays are sent; the last one). ``displacement`` on the image grid may be given when the method has it
+        exactly (R2N2's Gaussians); otherwise it is the upsampled working field."""
+        bound = None
         if displacement is None:
-            displacement = grid.displacement_up(working_u)
+            bound = (float(largest_component(working_u, grid.image_shape).amax()), max(grid.image_shape))
+            displacement = functools.cache(lambda: grid.displacement_up(working_u))  # shared with ``warped``
         metrics = standard_step_metrics(fixed_w, warp(moving_w, working_u), working_u, None, self.similarity,
                                         self.similarity_kwargs)
         change = working_u if previous_u is None else working_u - previous_u
         change = rescale_voxel_vectors(change, grid.shape, grid.image_shape)
         metrics["update_norm"] = float(vector_length(change).max())
         metrics.update(extra or {})
-        return Step(index, displacement, lambda: warp(moving, displacement), metrics, channels=channels,
-                    phase=phase, final=final)
+        field = displacement if callable(displacement) else (lambda: displacement)
+        return Step(index, displacement, lambda: warp(moving, field()), metrics, channels=channels,
+                    phase=phase, final=final, displacement_bound=bound)

@@ -22,10 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from benchmark_report import ROOT, machine, markdown_table, write_section
-def run_child(args: list[str]) -> tuple[dict, float]:
-    """Run this script in child mode; return its JSON result and the child's own peak RSS in MB."""
+def run_child(args: list[str], env: dict | None = None) -> tuple[dict, float]:
+    """Run this script in child mode (``env``: extra environment variables); return its JSON result and the
+    child's own peak RSS in MB."""
     proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, env={**os.environ, **(env or {})})
     out, err = proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"child {args} failed:\n{err[-2000:]}")
@@ -52,7 +53,11 @@ def child_main(argv) -> None:
     method, pair_dir, out = argv
     pair_dir = Path(pair_dir)
     f = lambda key: str(pair_dir / PAIR_FILES[key])
-    torch.set_num_threads(os.cpu_count() or 1)
+    if method == "elastix":  # the reference as its users run it
+        torch.set_num_threads(os.cpu_count() or 1)
+    else:  # our methods' process set-up, as the CLI and the worker do it (threads, freed memory kept)
+        from iterreg.devices import prepare_process
+        prepare_process(os.cpu_count() or 1)
     from iterreg import losses  # import MONAI's LNCC before timing: a worker or Slicer session has it loaded once
     losses.lncc_loss(torch.rand(1, 1, 8, 8, 8), torch.rand(1, 1, 8, 8, 8))
     if method == "elastix":

@@ -39,13 +39,14 @@ declare -A SECTIONS=(
     [r2n2-compactness-3d-local]="Testing/benchmark_iirp_r2n2.py compactness --ndim 3 --size 64 --pairs 3 --region-mm 30 --local-magnitude-mm 12"
     [r2n2-step-size]="Testing/benchmark_iirp_r2n2.py step-size"
     [cpu-layout]="Testing/benchmark_cpu_layout.py --size 128 --repeats 3"
+    [cpu-allocator]="Testing/benchmark_cpu_allocator.py --size 128 --repeats 3"
     [gpu-times]="Testing/benchmark_gpu.py --size 128 --pairs 2 --repeats 5"  # needs a CUDA device: not in ORDER
 )
 ORDER=(baselines-64 memory worker scene riir-deqreg-memory riir-deqreg-convergence riir-deqreg-convergence-2d
        riir-deqreg-working-grid
        iirp-iterstop dio-accuracy dio-smoothing dio-prompts dio-robustness r2n2-localisation r2n2-compactness
        r2n2-compactness-3d r2n2-compactness-local r2n2-compactness-3d-local r2n2-step-size
-       r2n2-series baselines-96 baselines-128 real-pair prompt-models cpu-layout)
+       r2n2-series baselines-96 baselines-128 real-pair prompt-models cpu-layout cpu-allocator)
 
 keys=("$@")
 [ ${#keys[@]} -eq 0 ] && keys=("${ORDER[@]}")

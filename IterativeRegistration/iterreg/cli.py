@@ -54,10 +54,10 @@ def _add_register(sub) -> None:
 
 
 def _register(args) -> int:
-    from .devices import set_cpu_threads
+    from .devices import prepare_process
     from .pipeline import RegistrationRequest, register_files
 
-    set_cpu_threads(args.threads)
+    prepare_process(args.threads)
     request = RegistrationRequest(
         fixed=args.fixed, moving=args.moving, out=args.out, method=args.method, steps=args.steps,
         checkpoint=args.checkpoint, device=args.device, fixed_landmarks=args.fixed_landmarks,
@@ -84,12 +84,12 @@ def _add_demo(sub) -> None:
 
 
 def _demo(args) -> int:
-    from .devices import resolve_device, set_cpu_threads
+    from .devices import prepare_process, resolve_device
     from .pipeline import RegistrationRequest, register_files
     from .resources import sample_pair_dir
     from .sample_data import PAIR_FILES
 
-    set_cpu_threads(args.threads)
+    prepare_process(args.threads)
     device = resolve_device(args.device)
     pair_dir = sample_pair_dir()
     from .methods import ready_methods

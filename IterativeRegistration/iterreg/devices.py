@@ -1,13 +1,22 @@
-"""Compute device choice: ``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+"""Compute device choice (``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``) and the CPU
+set-up of a process that registers or trains (:func:`prepare_process`)."""
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 
 import torch
 
 from .errors import InputError
 
-__all__ = ["resolve_device", "set_cpu_threads", "DEVICE_CHOICES", "is_out_of_memory", "describe_out_of_memory"]
+__all__ = ["resolve_device", "set_cpu_threads", "prepare_process", "keep_freed_cpu_memory", "DEVICE_CHOICES",
+           "is_out_of_memory", "describe_out_of_memory"]
+
+ALLOCATOR_OPT_OUT = "ITERREG_CPU_ALLOCATOR"  # "default": leave the C allocator as it is
+_GLIBC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+_KEEP_BELOW = 1 << 30  # bytes: blocks smaller than this are kept for reuse, not handed back to the OS
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
@@ -37,6 +46,35 @@ def set_cpu_threads(threads: int | None) -> int:
         raise InputError(f"thread count must be >= 1, got {threads}")
     torch.set_num_threads(count)
     return count
+
+
+def keep_freed_cpu_memory() -> bool:
+    """Let this process reuse the memory of freed tensors instead of returning it to the OS at once (glibc).
+
+    glibc's malloc maps large blocks (from 128 KiB, a threshold that rises only as blocks are freed) straight
+    from the OS and unmaps them when freed, and it trims freed heap memory too; a registration allocates and
+    frees tensors of tens of MB at every step, so each step page-faults them in anew. Raising the two thresholds
+    keeps that memory in the process (PyTorch's CPU tuning guide gets the same from jemalloc or tcmalloc; this
+    needs no extra library). Measured (Docs/benchmarks.md, `cpu-allocator`): a fresh process, 128^3 pair, RIIR
+    and the classical optimizer ~15 % faster, peak memory a few % higher. Not on other C libraries, not when the
+    user set glibc's malloc variables or ``ITERREG_CPU_ALLOCATOR=default``. Returns whether it was applied."""
+    if not sys.platform.startswith("linux") or os.environ.get(ALLOCATOR_OPT_OUT, "").lower() == "default":
+        return False
+    if any(name in os.environ for name in _GLIBC_SETTINGS) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False  # the user's own allocator settings win
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt(_M_MMAP_THRESHOLD, _KEEP_BELOW) == 1 and mallopt(_M_TRIM_THRESHOLD, _KEEP_BELOW) == 1
+
+
+def prepare_process(threads: int | None) -> int:
+    """The CPU set-up of a process that registers or trains (the CLI, the worker, the trainer): freed memory
+    kept for reuse, and ``threads`` CPU threads. Returns the thread count. Never called in Slicer's own process."""
+    keep_freed_cpu_memory()
+    return set_cpu_threads(threads)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

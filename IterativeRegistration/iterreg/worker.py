@@ -188,7 +188,7 @@ def _run(job: Job, channel: EventChannel, control: Control, ring: Ring | None) -
     import numpy as np
     import torch
 
-    from .devices import resolve_device, set_cpu_threads
+    from .devices import prepare_process, resolve_device
     from .methods import Prompts, finite_steps, get_method
     from .spatial import warp
 
@@ -197,7 +197,7 @@ def _run(job: Job, channel: EventChannel, control: Control, ring: Ring | None) -
     unknown = sorted(set(job.arrays) - {"displacement", "warped"})
     if unknown:
         raise InputError(f"unknown per-step array(s) {unknown}; choose from displacement, warped")
-    threads = set_cpu_threads(job.threads)
+    threads = prepare_process(job.threads)
     device = resolve_device(job.device)
     method_cls = get_method(job.method)
     from .memory_budget import check_memory

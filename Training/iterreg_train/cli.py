@@ -32,7 +32,7 @@ def _add_train(sub) -> None:
 
 
 def _train(args) -> int:
-    from iterreg.devices import set_cpu_threads
+    from iterreg.devices import prepare_process
 
     from .config import load_config
     from .datasets import open_source
@@ -44,7 +44,7 @@ def _train(args) -> int:
     if args.lr is not None:
         overrides.append(f"optimizer.lr={args.lr}")
     config = load_config(args.method, args.config, overrides)
-    set_cpu_threads(args.threads)
+    prepare_process(args.threads)
     source = open_source(args.data, config)
     result = train(config, source, args.out, resume=args.resume, device=args.device, progress=not args.quiet,
                    debug_ranks=args.debug_ranks)

@@ -5,7 +5,8 @@ import torch
 from scipy import ndimage
 
 from iterreg.spatial import (compose, gaussian_smooth, identity_grid, integrate_velocity, invert_displacement,
-                             jacobian_determinant, resize_displacement, sample_displacement_at, warp, warp_labels)
+                             jacobian_determinant, largest_component, resize_displacement, sample_displacement_at,
+                             warp, warp_labels)
 
 
 def smooth_field(shape, magnitude, seed=0):
@@ -87,6 +88,16 @@ def test_resize_displacement_rescales_an_affine_field_exactly():
     u_fine_expected = (np.einsum("ij,j...->i...", a, xf) + b.reshape(3, 1, 1, 1)) * s.reshape(3, 1, 1, 1)
     u_fine = resize_displacement(torch.from_numpy(u_coarse)[None], fine_shape)[0].numpy()
     np.testing.assert_allclose(u_fine, u_fine_expected, atol=1e-10)
+
+
+def test_largest_component_bounds_a_resized_field_without_resizing_it():
+    u = torch.randn(1, 3, 9, 11, 7) * torch.tensor([1.0, 3.0, 0.5]).view(1, 3, 1, 1, 1)
+    fine = resize_displacement(u, (17, 21, 13))  # every coarse node is a fine node here: the bound is reached
+    torch.testing.assert_close(largest_component(u, (17, 21, 13)), fine.abs().amax(dim=(0, 2, 3, 4)))
+    odd = resize_displacement(u, (12, 16, 10))  # nodes between fine voxels: still an upper bound
+    assert (odd.abs().amax(dim=(0, 2, 3, 4)) <= largest_component(u, (12, 16, 10)) + 1e-6).all()
+    u[0, 1, 4, 5, 3] = float("nan")
+    assert torch.isnan(largest_component(u, (17, 21, 13))[1])  # a diverged field is never bounded
 
 
 def test_jacobian_determinant_of_an_affine_field_is_det_of_identity_plus_a():

@@ -18,9 +18,9 @@ import torch
 from .. import losses
 from ..errors import InputError
 from ..metrics import folding_percent
-from ..spatial import resize_displacement, resize_image, spatial_ndim, vector_length
+from ..spatial import resize_displacement, resize_image, spatial_ndim, vector_length, warp
 
-__all__ = ["Step", "Prompts", "RegistrationMethod", "MethodOptions", "standard_step_metrics"]
+__all__ = ["Step", "Prompts", "RegistrationMethod", "MethodOptions", "standard_step_metrics", "warp_later"]
 
 
 class _ComputedOnAccess:
@@ -68,6 +68,12 @@ class Step:
     phase: str = ""
     final: bool = False
     displacement_bound: tuple[float, int] | None = None
+
+
+def warp_later(moving: torch.Tensor, displacement):
+    """A Step's ``warped`` as a function: ``moving`` warped by its field, which may itself still be the function
+    that computes it (then computed once, shared by both)."""
+    return lambda: warp(moving, displacement() if callable(displacement) else displacement)
 
 
 @dataclass(frozen=True)

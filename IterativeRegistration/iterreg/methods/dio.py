@@ -25,7 +25,7 @@ from typing import Iterator
 
 import torch
 
-from .base import Prompts, Step, standard_step_metrics
+from .base import Prompts, Step, standard_step_metrics, warp_later
 from .learned import LearnedIterativeMethod, WorkingGrid, WorkingGridOptions, working_shape
 from ..errors import InputError
 from ..feature_optimizer import FieldPrompts, SolverSettings, combine, differentiable_steps, \
@@ -258,7 +258,7 @@ class DIOMethod(LearnedIterativeMethod):
                 phase = (f"scale 1/{state.scale} ({k + 1}/{len(scales)}), iteration {state.iteration}"
                          + (": converged" if state.converged else ""))
                 final = state.last_at_scale and k == len(scales) - 1
-                step = Step(index, displacement, _warp_later(moving, displacement), metrics, channels=channels,
+                step = Step(index, displacement, warp_later(moving, displacement), metrics, channels=channels,
                             phase=phase, final=final,
                             displacement_bound=(float(largest.amax()), max(grid.image_shape)))
             yield step
@@ -297,10 +297,6 @@ def _full_field(grid: WorkingGrid, correction, base_image, representation: str) 
     displacement = grid.displacement_up(resize_displacement(correction, grid.shape))
     return displacement if base_image is None else combine(displacement, base_image, representation)
 
-
-def _warp_later(moving, displacement):
-    """The moving image warped by a step's field (a tensor, or the function that computes it once)."""
-    return lambda: warp(moving, displacement() if callable(displacement) else displacement)
 
 
 def _nearest(labels: torch.Tensor, shape) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import ClassVar, Sequence
 
 import torch
 
-from .base import MethodOptions, RegistrationMethod, Step, standard_step_metrics
+from .base import MethodOptions, RegistrationMethod, Step, standard_step_metrics, warp_later
 from ..checkpoints import read_checkpoint
 from ..errors import InputError
 from ..networks.unet import prefer_fast_cpu_layout
@@ -180,6 +180,5 @@ class LearnedIterativeMethod(NetworkMethod):
         change = rescale_voxel_vectors(change, grid.shape, grid.image_shape)
         metrics["update_norm"] = float(vector_length(change).max())
         metrics.update(extra or {})
-        field = displacement if callable(displacement) else (lambda: displacement)
-        return Step(index, displacement, lambda: warp(moving, field()), metrics, channels=channels,
+        return Step(index, displacement, warp_later(moving, displacement), metrics, channels=channels,
                     phase=phase, final=final, displacement_bound=bound)

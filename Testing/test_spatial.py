@@ -5,8 +5,8 @@ import torch
 from scipy import ndimage
 
 from iterreg.spatial import (compose, gaussian_smooth, identity_grid, integrate_velocity, invert_displacement,
-                             jacobian_determinant, largest_component, resize_displacement, sample_displacement_at,
-                             warp, warp_labels)
+                             jacobian_determinant, jacobian_matrix, largest_component, resize_displacement,
+                             sample_displacement_at, warp, warp_labels)
 
 
 def smooth_field(shape, magnitude, seed=0):
@@ -106,6 +106,14 @@ def test_jacobian_determinant_of_an_affine_field_is_det_of_identity_plus_a():
     u = np.einsum("ij,j...->i...", a, x)
     det = jacobian_determinant(torch.from_numpy(u)[None])
     np.testing.assert_allclose(det.numpy(), np.linalg.det(np.eye(3) + a), rtol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(12, 9), (10, 7, 8), (1, 9, 11)])
+def test_jacobian_determinant_is_the_determinant_of_the_jacobian_matrix(shape):
+    u = torch.randn(2, len(shape), *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    matrix = jacobian_matrix(u)
+    assert matrix.shape == (2, *shape, len(shape), len(shape))
+    torch.testing.assert_close(jacobian_determinant(u), torch.linalg.det(matrix))
 
 
 def test_jacobian_determinant_is_negative_where_the_field_folds():

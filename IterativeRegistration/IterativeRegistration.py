@@ -28,6 +28,7 @@ if _HERE not in sys.path:
 SIMILARITIES = ("lncc", "mse", "nmi")
 OVERLAYS = ("moving image", "channel")
 REPRESENTATIONS = ("freeform", "diffeomorphic", "svf")
+PRECISIONS = ("float32", "bfloat16")
 
 
 class IterativeRegistration(ScriptedLoadableModule):
@@ -54,7 +55,7 @@ class IterativeRegistrationLogic(ScriptedLoadableModuleLogic):
         "RegularizationWeight": "1.0", "Tolerance": "0.0001", "ChannelVolumes": "true", "Jacobian": "true", "Centres": "true",
         "KeepPrevious": "true", "UsePrompts": "false", "Overlay": "moving image", "Series": "false", "FixedFrame": "0",
         "Representation": "freeform", "WorkingSize": "0", "WeightSearch": "false",
-        "RefineIterations": "0",
+        "RefineIterations": "0", "Precision": "float32",
     }
     REFERENCES = ("FixedVolume", "MovingVolume", "FixedLandmarks", "MovingLandmarks")
 
@@ -100,6 +101,8 @@ class IterativeRegistrationLogic(ScriptedLoadableModuleLogic):
                 options[key] = cast(p(parameter))
         if "working_size" in option_names and int(p("WorkingSize") or 0) > 0:  # 0: the checkpoint's own grid
             options["working_size"] = int(p("WorkingSize"))
+        if "precision" in option_names and p("Precision") in PRECISIONS[1:]:  # float32: the engine's default
+            options["precision"] = p("Precision")
         if "representation" in option_names and p("Representation"):
             options["representation"] = p("Representation")
         if "frame_axis" in option_names and p("Series") == "true":
@@ -192,7 +195,7 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self.ui.overlayComboBox.addItems(list(OVERLAYS))
         self._fillMethods()
         for combo in (self.ui.methodComboBox, self.ui.deviceComboBox, self.ui.similarityComboBox,
-                      self.ui.checkpointComboBox, self.ui.representationComboBox):
+                      self.ui.checkpointComboBox, self.ui.representationComboBox, self.ui.precisionComboBox):
             combo.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
         self.ui.methodComboBox.currentIndexChanged.connect(self.onMethodChanged)
         self.ui.checkpointComboBox.currentIndexChanged.connect(self.onCheckpointChanged)
@@ -246,6 +249,11 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self.ui.deviceComboBox.addItem("CPU", "cpu")
         for i, name in enumerate(catalogue.get("cuda_devices", [])):
             self.ui.deviceComboBox.addItem(f"GPU {i}: {name}", f"cuda:{i}")
+        self.ui.precisionComboBox.addItem("float32", "float32")
+        native = catalogue.get("bfloat16_devices", [])
+        if native:  # offered only where the hardware has it; emulated it would be slower than float32
+            self.ui.precisionComboBox.addItem(_("bfloat16 (faster; native on {0})").format(", ".join(native)),
+                                              "bfloat16")
 
     def cleanup(self):
         self.removeObservers()
@@ -276,6 +284,7 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
                     selector.setCurrentNode(node)
             _selectData(self.ui.methodComboBox, p.GetParameter("Method"))
             _selectData(self.ui.deviceComboBox, p.GetParameter("Device"))
+            _selectData(self.ui.precisionComboBox, p.GetParameter("Precision"))
             self.ui.similarityComboBox.currentIndex = max(0, self.ui.similarityComboBox.findText(p.GetParameter("Similarity")))
             self.ui.representationComboBox.currentIndex = max(
                 0, self.ui.representationComboBox.findText(p.GetParameter("Representation")))
@@ -308,6 +317,7 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             p.SetNodeReferenceID(name, selector.currentNodeID())
         p.SetParameter("Method", _currentData(self.ui.methodComboBox) or "")
         p.SetParameter("Device", _currentData(self.ui.deviceComboBox) or "auto")
+        p.SetParameter("Precision", _currentData(self.ui.precisionComboBox) or "float32")
         p.SetParameter("Steps", str(self.ui.stepsSpinBox.value))
         p.SetParameter("Checkpoint", _currentData(self.ui.checkpointComboBox) or "")
         p.SetParameter("Similarity", self.ui.similarityComboBox.currentText)
@@ -363,6 +373,7 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         options = info["options"]
         self.ui.similarityComboBox.enabled = "similarity" in options
         self.ui.representationComboBox.enabled = "representation" in options
+        self.ui.precisionComboBox.enabled = "precision" in options and self.ui.precisionComboBox.count > 1
         self.ui.regularizationSpinBox.enabled = "regularization_weight" in options
         self.ui.toleranceSpinBox.enabled = "tolerance" in options
         self.ui.workingSizeSpinBox.enabled = "working_size" in options

@@ -230,6 +230,24 @@ def test_the_network_grid_is_offered_for_learned_iterative_methods_and_reaches_t
     assert widget.logic.settings_from_parameters(widget._parameterNode).options["working_size"] == 64
 
 
+def test_bfloat16_is_offered_where_native_for_methods_that_take_it_and_reaches_the_run(panel, sample_pair):
+    widget, scene = panel
+    ui = widget.ui
+    select_pair(widget, scene, sample_pair)
+    native = widget.logic.method_catalogue()["bfloat16_devices"]  # what the worker's interpreter found
+    assert ui.precisionComboBox.count == (2 if native else 1) and ui.precisionComboBox.currentData == "float32"
+    if not native:  # as on a CPU with AVX512-BF16 or AMX
+        ui.precisionComboBox.addItem("bfloat16", "bfloat16")
+    for method, offered in (("classical", False), ("r2n2", False), ("riir", True), ("dio", True)):
+        ui.methodComboBox.currentIndex = ui.methodComboBox.findData(method)
+        assert ui.precisionComboBox.enabled == offered, method
+    ui.precisionComboBox.currentIndex = ui.precisionComboBox.findData("bfloat16")
+    assert widget._parameterNode.GetParameter("Precision") == "bfloat16"
+    assert widget.logic.settings_from_parameters(widget._parameterNode).options["precision"] == "bfloat16"
+    ui.methodComboBox.currentIndex = ui.methodComboBox.findData("r2n2")  # it computes in float32 only
+    assert "precision" not in widget.logic.settings_from_parameters(widget._parameterNode).options
+
+
 def test_series_mode_for_r2n2_lets_a_2d_plus_t_volume_be_both_fixed_and_moving(panel, sample_pair):
     widget, scene = panel
     ui = widget.ui

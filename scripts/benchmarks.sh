@@ -41,6 +41,7 @@ declare -A SECTIONS=(
     [cpu-layout]="Testing/benchmark_cpu_layout.py --size 128 --repeats 3"
     [cpu-allocator]="Testing/benchmark_cpu_allocator.py --size 128 --repeats 3"
     [gpu-times]="Testing/benchmark_gpu.py --size 128 --pairs 2 --repeats 5"  # needs a CUDA device: not in ORDER
+    [precision]="Testing/benchmark_precision.py --size 128 --pairs 3"  # needs native bfloat16: not in ORDER
 )
 ORDER=(baselines-64 memory worker scene riir-deqreg-memory riir-deqreg-convergence riir-deqreg-convergence-2d
        riir-deqreg-working-grid

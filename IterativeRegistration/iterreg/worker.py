@@ -142,8 +142,12 @@ def main() -> int:
     if sys.argv[1:] == ["--describe"]:
         import torch
 
+        from .networks.precision import bfloat16_is_native
+
+        cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
         print(json.dumps({"methods": describe_methods(), "cuda": torch.cuda.is_available(),
-                          "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]},
+                          "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+                          "bfloat16_devices": [d for d in ["cpu", *cuda] if bfloat16_is_native(d)]},
                          default=list))
         return 0
     channel = EventChannel(_claim_stdout())

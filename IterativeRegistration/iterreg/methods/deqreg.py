@@ -13,14 +13,14 @@ from typing import Iterator
 import torch
 
 from .base import Prompts, Step
-from .learned import LearnedIterativeMethod, WorkingGridOptions
+from .learned import LearnedIterativeMethod, NetworkOptions, WorkingGridOptions
 from ..errors import InputError
 from ..networks.deqreg import SOLVERS, DEQRegConfig, DEQRegNetwork
 from ..spatial import vector_length
 
 
 @dataclass(frozen=True)
-class DEQRegOptions(WorkingGridOptions):
+class DEQRegOptions(WorkingGridOptions, NetworkOptions):
     tolerance: float = 1e-3  # relative residual |g(u) - u| / |g(u)| at which the solve stops (0: never early)
     solver: str = ""  # fixed_point_iter | anderson; "": the checkpoint's
     damping: float = 0.0  # (0, 1]: each iteration moves this far towards g(u) (1: the paper's plain

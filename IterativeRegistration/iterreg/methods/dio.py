@@ -26,7 +26,7 @@ from typing import Iterator
 import torch
 
 from .base import Prompts, Step, standard_step_metrics, warp_later
-from .learned import LearnedIterativeMethod, WorkingGrid, WorkingGridOptions, working_shape
+from .learned import LearnedIterativeMethod, NetworkOptions, WorkingGrid, WorkingGridOptions, working_shape
 from ..errors import InputError
 from ..feature_optimizer import FieldPrompts, SolverSettings, combine, differentiable_steps, \
     optimise, to_displacement
@@ -40,7 +40,7 @@ OWN_GRID_VOXELS = ("working", "acquired")  # see DIOOptions.own_grid_voxels
 
 
 @dataclass(frozen=True)
-class DIOOptions(WorkingGridOptions):
+class DIOOptions(WorkingGridOptions, NetworkOptions):
     representation: str = "freeform"  # freeform | diffeomorphic | svf
     iterations: tuple = (200, 100, 50)  # per scale, coarse to fine (paper / public code)
     learning_rate: float = 1.0  # largest update per iteration, half voxels of the scale

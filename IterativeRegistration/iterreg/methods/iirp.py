@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 
 from .base import Prompts, Step
-from .learned import LearnedIterativeMethod, WorkingGridOptions
+from .learned import LearnedIterativeMethod, NetworkOptions, WorkingGridOptions
 from ..errors import InputError
 from ..metrics import global_ncc
 from ..networks.iirp import LEVELS, IIRPConfig, RPNet, iterative_inference
@@ -23,7 +23,7 @@ from ..spatial import warp
 
 
 @dataclass(frozen=True)
-class IIRPOptions(WorkingGridOptions):
+class IIRPOptions(WorkingGridOptions, NetworkOptions):
     delta: float = 0.005  # IterStop: a further pass must raise the global NCC by at least this
     max_iterations: int = 10  # passes per level at most
     level_iterations: tuple = ()  # (a, b, c, d) coarse to fine: exactly these passes, IterStop off; (1,1,1,1) = RP-Net

@@ -17,11 +17,12 @@ import torch
 from .base import MethodOptions, RegistrationMethod, Step, standard_step_metrics, warp_later
 from ..checkpoints import read_checkpoint
 from ..errors import InputError
+from ..networks.precision import check_precision, compute_in_precision
 from ..networks.unet import prefer_fast_cpu_layout
 from ..spatial import (largest_component, resize_displacement, resize_image, rescale_voxel_vectors, spatial_ndim,
                        vector_length, warp)
 
-__all__ = ["load_network", "WorkingGrid", "working_shape", "WorkingGridOptions", "NetworkMethod",
+__all__ = ["load_network", "WorkingGrid", "working_shape", "NetworkOptions", "WorkingGridOptions", "NetworkMethod",
            "LearnedIterativeMethod"]
 
 
@@ -75,10 +76,20 @@ class WorkingGrid:
 
 
 @dataclass(frozen=True)
+class NetworkOptions(MethodOptions):
+    # the convolutions' arithmetic: float32, or bfloat16 where the device has it natively (networks/precision.py)
+    precision: str = "float32"
+
+    def check(self) -> None:
+        check_precision(self.precision)
+
+
+@dataclass(frozen=True)
 class WorkingGridOptions(MethodOptions):
     working_size: int = 0  # longest side of the network's grid; 0: the size it was trained at
 
     def check(self) -> None:
+        super().check()  # cooperative: a method's options may combine this with NetworkOptions
         if self.working_size < 0 or 0 < self.working_size < 8:
             raise InputError(f"working_size must be 0 (the checkpoint's scale) or >= 8, got {self.working_size}")
 
@@ -89,7 +100,9 @@ class NetworkMethod(RegistrationMethod):
 
     def __init__(self, network, metadata: dict, options=None, device="cpu"):
         super().__init__(options, device)
-        self.network = prefer_fast_cpu_layout(network.to(self.device).eval(), self.device)
+        network = prefer_fast_cpu_layout(network.to(self.device).eval(), self.device)
+        # R2N2 offers no choice (its options have no ``precision``): its Gaussians need float32 (Docs/methods.md)
+        self.network = compute_in_precision(network, getattr(self.options, "precision", "float32"), self.device)
         self.metadata = metadata
         training = metadata.get("training", {})
         self.similarity = training.get("similarity", "lncc")

@@ -13,12 +13,12 @@ from typing import Iterator
 import torch
 
 from .base import Prompts, Step
-from .learned import LearnedIterativeMethod, WorkingGridOptions
+from .learned import LearnedIterativeMethod, NetworkOptions, WorkingGridOptions
 from ..networks.riir import RIIRConfig, RIIRNetwork
 
 
 @dataclass(frozen=True)
-class RIIROptions(WorkingGridOptions):
+class RIIROptions(WorkingGridOptions, NetworkOptions):
     pass
 
 

@@ -10,15 +10,15 @@ from typing import Iterator
 
 import torch
 
-from .base import MethodOptions, Prompts, Step, standard_step_metrics
-from .learned import NetworkMethod
+from .base import Prompts, Step, standard_step_metrics
+from .learned import NetworkMethod, NetworkOptions
 from ..errors import InputError
 from ..networks.unet import UNet, UNetConfig, pad_to_multiple
 from ..spatial import warp
 
 
 @dataclass(frozen=True)
-class VoxelMorphOptions(MethodOptions):
+class VoxelMorphOptions(NetworkOptions):
     feature_maps: int = 4  # decoder feature maps exposed as the "features" channel
 
 

@@ -13,7 +13,9 @@ Per method and pair, after one warm-up run (CUDA kernels, cuDNN autotuning, allo
   IterStop; DIO: the optimisation layer needs gradients) show '-';
 - the median of `--repeats` timed repetitions, `torch.cuda.synchronize()` before each clock read;
 - the peak GPU memory of the timed runs (`torch.cuda.max_memory_allocated`);
-- Dice and TRE of the final field, so that a fast wrong answer cannot pass for a fast one.
+- Dice and TRE of the final field, so that a fast wrong answer cannot pass for a fast one;
+- each method in float32 and, where the device computes bfloat16 natively and the method offers it, again with
+  `precision=bfloat16` (the networks' convolutions in bfloat16, tensor cores on a GPU; Docs/methods.md).
 """
 from __future__ import annotations
 
@@ -60,11 +62,12 @@ def network_only(method, fixed, moving, steps: int):
     return type(method).predict(method.network, fixed, moving)[-1]
 
 
-def time_method(name: str, pairs: list, device, repeats: int) -> dict:
+def time_method(name: str, pairs: list, device, repeats: int, precision: str = "float32") -> dict:
     import torch
 
     from iterreg.methods import get_method
-    method = get_method(name).create(device=device, ndim=3)
+    options = {} if precision == "float32" else {"precision": precision}
+    method = get_method(name).create(device=device, ndim=3, options=options)
     run_s, network_s, dice, tre, peak_mb = [], [], [], [], []
     for sample, pair, evaluation in pairs:
         result = {}
@@ -96,7 +99,7 @@ def time_method(name: str, pairs: list, device, repeats: int) -> dict:
             network_dice = evaluation.score(result["network"].cpu())["dice_mean"]
             if abs(network_dice - dice[-1]) > 0.01:  # timing something other than the method's inference
                 raise RuntimeError(f"{name}: the network alone gives Dice {network_dice:.3f}, its run {dice[-1]:.3f}")
-        print(f"{name:10s} seed {sample.info['seed']}: run {run_s[-1]:.3f} s"
+        print(f"{name:10s} {precision:8s} seed {sample.info['seed']}: run {run_s[-1]:.3f} s"
               + (f", network {network_s[-1]:.3f} s" if network_s else "")
               + f", Dice {dice[-1]:.3f}, TRE {tre[-1]:.2f} mm", flush=True)
     return {"run": float(np.mean(run_s)), "network": float(np.mean(network_s)) if network_s else None,
@@ -112,13 +115,16 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--methods", nargs="*", default=None, help="default: every ready 3D method")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cuda:N; cpu only to check the script")
+    parser.add_argument("--precisions", nargs="*", default=["float32", "bfloat16"],
+                        help="bfloat16 is timed only where it is native and for methods that offer it")
     parser.add_argument("--no-write", action="store_true", help="print only; leave Docs/benchmarks.md alone")
     args = parser.parse_args()
 
     import torch
 
     from iterreg.imaging import prepare_pair
-    from iterreg.methods import ready_methods
+    from iterreg.methods import get_method, ready_methods
+    from iterreg.networks.precision import bfloat16_is_native
     from iterreg.sample_data import make_pair
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -133,14 +139,19 @@ def main() -> int:
     for k in range(args.pairs):
         sample = make_pair(args.size, seed=args.first_seed + k)
         pairs.append((sample, prepare_pair(sample.fixed, sample.moving), evaluation_for(sample)))
-    results = {name: time_method(name, pairs, device, args.repeats) for name in methods}
+    precisions = [p for p in args.precisions if p == "float32" or bfloat16_is_native(device)]
+    if precisions != args.precisions:
+        print(f"bfloat16 is not native on {device}: timing float32 only", flush=True)
+    offers = lambda name: "precision" in get_method(name).Options.__dataclass_fields__
+    results = {(name, p): time_method(name, pairs, device, args.repeats, p)
+               for name in methods for p in precisions if p == "float32" or offers(name)}
 
     rows = []
-    for name, r in results.items():
+    for (name, precision), r in results.items():
         goal = GOALS_S.get(name)
         timed = r["network"] if r["network"] is not None else r["run"]
         verdict = "-" if goal is None else f"<= {goal:.2f} s: {'met' if timed <= goal else 'not met'}"
-        rows.append([name, f"{r['dice']:.3f}", f"{r['tre']:.2f}", str(r["steps"]), f"{r['run']:.3f}",
+        rows.append([name if precision == "float32" else f"{name} ({precision})", f"{r['dice']:.3f}", f"{r['tre']:.2f}", str(r["steps"]), f"{r['run']:.3f}",
                      "-" if r["network"] is None else f"{r['network']:.3f}",
                      "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}", verdict])
     table = markdown_table(["method", "Dice", "TRE mm", "steps", "run s", "network s", "peak GPU MB",
@@ -156,7 +167,8 @@ def main() -> int:
         "one warm-up run, each clock read after `torch.cuda.synchronize()`. 'run' is the method's whole run as "
         "the worker does it (every streamed step with its metrics, the field on the image grid); 'network' is "
         "the network's forward pass alone on the method's working grid (no gradients), what the papers time, "
-        "for methods whose forward pass is their inference. Peak GPU memory over the timed runs.", "",
+        "for methods whose forward pass is their inference. Peak GPU memory over the timed runs. '(bfloat16)': "
+        "the same with `--option precision=bfloat16` (the networks' convolutions in bfloat16).", "",
         table])
     print(f"wrote {write_section('gpu-times', body)}")
     return 0

@@ -434,6 +434,37 @@ def test_the_iterative_methods_train_from_the_cli_in_2d_deterministically(tmp_pa
         assert torch.equal(weights[0][name], weights[1][name]), name
 
 
+def test_training_with_amp_computes_the_convolutions_in_bfloat16_where_native(tmp_path, monkeypatch, capsys):
+    import iterreg.networks.precision as precision
+    from iterreg.checkpoints import read_checkpoint
+    from iterreg.networks.unet import RecurrentUNet
+    from iterreg_train.cli import main
+    args = ["train", "--method", "riir", "--data", "synthetic", "--iterations", "2", "--set", "data.shape=[32,32]",
+            "--set", "data.synthetic_subjects=4", "--set", "data.validation_pairs=1", "--set",
+            "training.validate_every=2", "--set", "architecture.steps=2", "--set", "training.amp=true",
+            "--threads", "1", "--quiet"]
+    monkeypatch.setattr(precision, "bfloat16_is_native", lambda device: False)
+    assert main([*args, "--out", str(tmp_path / "refused")]) == 2
+    assert "training.amp (bfloat16 convolutions) is not native on this cpu" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()  # refused before anything is written
+
+    monkeypatch.setattr(precision, "bfloat16_is_native", lambda device: True)  # as on an AVX512-BF16/AMX CPU
+    seen = []
+    original = RecurrentUNet.forward
+
+    def recording(self, x, hidden=None):
+        out, hidden = original(self, x, hidden)
+        seen.append((torch.is_autocast_enabled("cpu"), out.dtype))
+        return out, hidden
+    monkeypatch.setattr(RecurrentUNet, "forward", recording)
+    assert main([*args, "--out", str(tmp_path / "amp")]) == 0
+    # every forward of the recurrent U-Net (2 iterations x 2 steps, then validation) computed in bfloat16 ...
+    assert len(seen) >= 4 and all(autocast and dtype == torch.bfloat16 for autocast, dtype in seen)
+    weights, _ = read_checkpoint(tmp_path / "amp" / "last.safetensors", "riir")
+    # ... while the weights, the optimizer's and the checkpoint's, stay float32
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
+
+
 def test_numbers_in_overrides_are_numbers_even_in_exponent_form():
     from iterreg_train.config import load_config
     config = load_config("riir", overrides=["optimizer.lr=1e-4", "training.init_from=runs/a.safetensors"])

@@ -28,6 +28,7 @@ from iterreg.devices import resolve_device
 from iterreg.errors import InputError
 from iterreg.methods import get_method
 from iterreg.metrics import dice
+from iterreg.networks import precision
 from iterreg.networks.unet import prefer_fast_cpu_layout
 from iterreg.spatial import sample_displacement_at, vector_length, warp, warp_labels
 
@@ -167,6 +168,10 @@ def train(config: dict, source: PairSource, out: str | Path, resume: bool = Fals
     if device_t.type == "cuda" and ddp.world > 1:
         device_t = torch.device(f"cuda:{ddp.local_rank}")
         torch.cuda.set_device(device_t)
+    if config["training"].get("amp") and not precision.bfloat16_is_native(device_t):
+        raise InputError(f"training.amp (bfloat16 convolutions) is not native on this {device_t.type} (a CPU needs "
+                         "AVX512-BF16 or AMX, a GPU compute capability 8+), where it would be slower than float32; "
+                         "set training.amp false")
     state_path = out / STATE_FILE
     if ddp.main:
         if state_path.exists() and not resume:
@@ -193,6 +198,9 @@ def train(config: dict, source: PairSource, out: str | Path, resume: bool = Fals
     if t_cfg.get("init_from") and not resume:
         _load_initial_weights(network, t_cfg["init_from"], config["method"])
     network = prefer_fast_cpu_layout(network.to(device_t), device_t)  # before the optimizer sees the weights
+    # training.amp: the convolutional blocks in bfloat16, as `precision=bfloat16` at inference; warps, inner
+    # gradients and losses stay float32 (an autocast of the whole forward pass drove RIIR's 3D training to NaN)
+    network = precision.compute_in_precision(network, "bfloat16" if t_cfg.get("amp") else "float32", device_t)
     model = network
     if ddp.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -223,7 +231,6 @@ def train(config: dict, source: PairSource, out: str | Path, resume: bool = Fals
         from tqdm import tqdm
         bar = tqdm(total=t_cfg["iterations"], initial=start, desc=f"train {config['method']}", unit="it")
 
-    amp = bool(t_cfg.get("amp")) and device_t.type == "cuda"
     network.train()
     seen = []
     t0 = time.perf_counter()
@@ -235,10 +242,9 @@ def train(config: dict, source: PairSource, out: str | Path, resume: bool = Fals
         batch = _batch(pairs, device_t)
         factors = coarse.draw(ndim, data_rng) if coarse is not None else None
         own = {} if factors is None else coarse.predict_arguments(batch["moving"], pairs[0].spacing, factors)
-        with torch.autocast(device_t.type, dtype=torch.bfloat16, enabled=amp):
-            displacements = _predict(method_cls, model, batch["fixed"], batch["moving"], **own)
+        displacements = _predict(method_cls, model, batch["fixed"], batch["moving"], **own)
         weights = loss_cfg.get("step_weights") or _method_step_weights(method_cls, network, len(displacements))
-        loss, parts = registration_loss(batch["fixed"], batch["moving"], [u.float() for u in displacements], loss_cfg,
+        loss, parts = registration_loss(batch["fixed"], batch["moving"], displacements, loss_cfg,
                                         batch["fixed_labels"], batch["moving_labels"], weights)
         auxiliary = getattr(network, "auxiliary_loss", None)  # a method's own extra term (DEQReg residual_weight)
         if auxiliary is not None:

@@ -17,6 +17,7 @@ import torch
 from iterreg.checkpoints import save_checkpoint
 from iterreg.errors import InputError
 from iterreg.methods import Prompts, get_method
+from iterreg.methods.learned import load_network
 from iterreg.networks.deqreg import DEQRegConfig, DEQRegNetwork, stream_solver
 from iterreg.networks.riir import RIIRConfig, RIIRNetwork
 from iterreg.spatial import warp
@@ -105,6 +106,36 @@ def test_riir_inner_gradient_points_downhill_for_every_inner_loss(inner):
     step = -0.5 * gradient / gradient.abs().max()
     after = float(network.inner_loss(fixed, warp(moving, step)))
     assert after < before
+
+
+def test_riir_detail_channels_fold_each_sub_voxel_phase_into_a_channel():
+    from iterreg.networks.riir import detail_channels
+    image = torch.arange(2 * 4 * 6 * 8, dtype=torch.float32).reshape(2, 1, 4, 6, 8)
+    detail = detail_channels(image, (2, 3, 4))
+    assert detail.shape == (2, 8, 2, 3, 4)
+    for p0, p1, p2 in np.ndindex(2, 2, 2):  # channel (p0, p1, p2) at (i, j, k) is voxel (2i+p0, 2j+p1, 2k+p2)
+        torch.testing.assert_close(detail[:, 4 * p0 + 2 * p1 + p2], image[:, 0, p0::2, p1::2, p2::2])
+    assert detail_channels(torch.rand(1, 1, 9, 7), (4, 4)).shape == (1, 4, 4, 4)  # resampled to 8x8 first
+
+
+def test_riir_with_detail_input_starts_a_fine_tune_as_the_checkpoint_and_learns_from_the_detail(tmp_path):
+    from iterreg_train.trainer import _load_initial_weights
+    path = checkpoint(tmp_path, "riir", 2, working_scale=0.5, steps=2)
+    cls = get_method("riir")
+    plain, _ = load_network(cls, path)
+    widened = cls.build_network({**cls.default_architecture(2), "working_scale": 0.5, "steps": 2,
+                                 "detail_input": True})
+    _load_initial_weights(widened, path, "riir")
+    fixed, moving = pair(2)
+    before = cls.predict(plain, fixed, moving)
+    after = cls.predict(widened, fixed, moving)
+    for a, b in zip(before, after):  # the new channels' weights start at zero: the same network
+        torch.testing.assert_close(a, b)
+    loss = sum(u.pow(2).mean() for u in cls.predict(widened, fixed, moving))
+    loss.backward()
+    # the first convolution takes u, gradient, warped, fixed (6 channels in 2D) and then 2 x 4 detail channels
+    (first,) = [p for p in widened.parameters() if p.dim() == 4 and p.shape[1] == 6 + 8]
+    assert float(first.grad[:, 6:].abs().sum()) > 0  # the detail channels' weights learn
 
 
 def test_riir_exponential_step_weights_follow_the_paper():

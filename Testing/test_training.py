@@ -465,6 +465,28 @@ def test_training_with_amp_computes_the_convolutions_in_bfloat16_where_native(tm
     assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
 
 
+def test_a_diverging_run_stops_with_the_iteration_and_keeps_its_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    import iterreg_train.trainer as trainer
+    from iterreg.checkpoints import read_checkpoint
+    from iterreg_train.cli import main
+    real = trainer.registration_loss
+    calls = []
+
+    def nan_on_the_third_iteration(*args, **kwargs):
+        calls.append(1)
+        loss, parts = real(*args, **kwargs)
+        return (loss * float("nan") if len(calls) == 3 else loss), parts
+    monkeypatch.setattr(trainer, "registration_loss", nan_on_the_third_iteration)
+    out = tmp_path / "run"
+    code = main(["train", "--method", "voxelmorph", "--data", "synthetic", *TINY, "--out", str(out),
+                 "--iterations", "4", "--set", "training.checkpoint_every=2", "--set", "training.validate_every=10"])
+    assert code == 2
+    message = capsys.readouterr().err
+    assert "training diverged at iteration 3" in message and "last.safetensors is from iteration 2" in message
+    weights, meta = read_checkpoint(out / "last.safetensors", "voxelmorph")
+    assert meta["training"]["iteration"] == 2 and all(torch.isfinite(w).all() for w in weights.values())
+
+
 def test_numbers_in_overrides_are_numbers_even_in_exponent_form():
     from iterreg_train.config import load_config
     config = load_config("riir", overrides=["optimizer.lr=1e-4", "training.init_from=runs/a.safetensors"])

@@ -251,8 +251,16 @@ def train(config: dict, source: PairSource, out: str | Path, resume: bool = Fals
             loss = loss + auxiliary
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if opt_cfg.get("grad_clip"):  # a rare extreme pair must not throw the weights away (see Docs/training.md)
-            torch.nn.utils.clip_grad_norm_(network.parameters(), opt_cfg["grad_clip"])
+        # a rare extreme pair must not throw the weights away (grad_clip, see Docs/training.md); the norm also
+        # tells whether the step is finite: the same on every rank, since DDP has averaged the gradients
+        norm = torch.nn.utils.clip_grad_norm_(network.parameters(), opt_cfg.get("grad_clip") or float("inf"))
+        if not (torch.isfinite(loss.detach()) and torch.isfinite(norm)):
+            saved = iteration // t_cfg["checkpoint_every"] * t_cfg["checkpoint_every"]
+            kept = f"last.safetensors is from iteration {saved}" if saved else "no checkpoint was written yet"
+            raise InputError(f"training diverged at iteration {iteration + 1}: the loss ({float(loss.detach()):.4g})"
+                             f" or its gradient is not finite. Nothing of this iteration was applied and '{out}' is "
+                             f"as it was ({kept}). Lower the learning rate, set optimizer.grad_clip, or set "
+                             "training.amp false")
         optimizer.step()
         scheduler.step()
         done = iteration + 1
@@ -311,9 +319,21 @@ def _architecture(method_cls, config: dict, ndim: int) -> dict:
 
 
 def _load_initial_weights(network, path: str, method: str) -> None:
-    """Fine-tuning: start from a checkpoint of the same method and architecture (weights only)."""
+    """Fine-tuning: start from a checkpoint of the same method and architecture (weights only). A convolution
+    that takes more input channels here than in the checkpoint (an input added last, e.g. RIIR's
+    ``detail_input``) gets the checkpoint's weights for the channels it had and zeros for the new ones, so the
+    fine-tune starts from exactly the checkpoint's network."""
     from iterreg.checkpoints import read_checkpoint
     weights, _ = read_checkpoint(path, method)
+    own = network.state_dict()
+    for name, value in weights.items():
+        target = own.get(name)
+        if (target is not None and value.dim() >= 3 and target.dim() == value.dim()
+                and target.shape[0] == value.shape[0] and target.shape[2:] == value.shape[2:]
+                and target.shape[1] > value.shape[1]):
+            widened = torch.zeros_like(target)
+            widened[:, :value.shape[1]] = value
+            weights[name] = widened
     try:
         network.load_state_dict(weights, strict=True)
     except RuntimeError as exc:

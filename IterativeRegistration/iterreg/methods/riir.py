@@ -13,8 +13,8 @@ from typing import Iterator
 import torch
 
 from .base import Prompts, Step
-from .learned import LearnedIterativeMethod, NetworkOptions, WorkingGridOptions
-from ..networks.riir import RIIRConfig, RIIRNetwork
+from .learned import LearnedIterativeMethod, NetworkOptions, WorkingGrid, WorkingGridOptions
+from ..networks.riir import RIIRConfig, RIIRNetwork, detail_channels
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,20 @@ class RIIRMethod(LearnedIterativeMethod):
         # the paper unrolls at inference the T steps it trained with (its Sec. 2.3): so does a checkpoint of ours
         return int((metadata.get("architecture") or {}).get("steps", cls.default_steps))
 
+    @staticmethod
+    def detail(network, fixed, moving, grid: WorkingGrid):
+        """The images' detail channels if the network takes them (``detail_input``), else None."""
+        if not network.config.detail_input:
+            return None
+        return detail_channels(fixed, grid.shape), detail_channels(moving, grid.shape)
+
+    @classmethod
+    def predict(cls, network, fixed, moving):
+        grid = WorkingGrid.for_images(fixed, network.config.working_scale)
+        fields = network(grid.image_down(fixed), grid.image_down(moving), detail=cls.detail(network, fixed, moving,
+                                                                                              grid))
+        return [grid.displacement_up(u) for u in fields]
+
     # --- inference --------------------------------------------------------------------------------------------
     def run(self, fixed, moving, steps=None, prompts: Prompts | None = None,
             init: torch.Tensor | None = None) -> Iterator[Step]:
@@ -48,7 +62,8 @@ class RIIRMethod(LearnedIterativeMethod):
         previous = start
         fixed_w, moving_w = grid.image_down(fixed), grid.image_down(moving)
         with torch.no_grad():
-            for t, state in enumerate(self.network.iterate(fixed_w, moving_w, steps, start)):
+            detail = self.detail(self.network, fixed, moving, grid)
+            for t, state in enumerate(self.network.iterate(fixed_w, moving_w, steps, start, detail=detail)):
                 channels = {f"h{k + 1}": grid.crop_coarse(h[0], level)
                             for k, (h, level) in enumerate(zip(state.hidden, self.network.config.hidden_levels))}
                 channels["inner_gradient"] = state.inner_gradient[0]

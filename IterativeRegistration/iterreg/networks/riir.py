@@ -10,6 +10,11 @@ Choices where the paper is silent (Docs/methods.md):
   through it, which needs grid_sample's second derivative and about twice the memory).
 - ConvGRUs (32 channels) sit after encoder levels 2 and 3 (1/4 and 1/8 resolution): "hidden states at
   downsampled resolution", cheap in memory; ``hidden_levels`` () / (2,) / (2, 3) is the paper's ablation.
+- ``detail_input`` (ours, off by default): on a working grid coarser than the image the cell also sees both
+  images at twice the working grid's resolution, folded into 2^ndim channels each (:func:`detail_channels`);
+  the moving ones are warped by the working field phase by phase, which costs one 8-channel warp on the
+  working grid instead of a warp at full resolution. Appended last, so a checkpoint without them starts a
+  fine-tune unchanged (their weights zero).
 """
 from __future__ import annotations
 
@@ -20,11 +25,11 @@ import torch
 import torch.nn as nn
 
 from .. import losses
-from ..spatial import warp
+from ..spatial import resize_image, warp
 from .config import DictConfig
 from .unet import RecurrentUNet, UNetConfig, pad_to_multiple
 
-__all__ = ["RIIRConfig", "RIIRNetwork", "RIIRState", "INNER_LOSSES"]
+__all__ = ["RIIRConfig", "RIIRNetwork", "RIIRState", "INNER_LOSSES", "detail_channels"]
 
 INNER_LOSSES = ("mse", "lncc", "nmi")
 
@@ -43,6 +48,7 @@ class RIIRConfig(DictConfig):
     inner_bins: int = 32
     working_scale: float = 1.0  # the network's grid relative to the image grid (methods/learned.py)
     differentiate_gradient: bool = False
+    detail_input: bool = False  # ours: the images' detail below the working grid as extra channels (see above)
 
     def __post_init__(self):
         if self.inner_loss not in INNER_LOSSES:
@@ -77,7 +83,8 @@ class RIIRNetwork(nn.Module):
         super().__init__()
         self.config = config
         nd = config.ndim
-        self.cell = RecurrentUNet(UNetConfig(ndim=nd, in_channels=2 * nd + 2, out_channels=nd,
+        detail = 2 * 2 ** nd if config.detail_input else 0
+        self.cell = RecurrentUNet(UNetConfig(ndim=nd, in_channels=2 * nd + 2 + detail, out_channels=nd,
                                              encoder=config.encoder, decoder=config.decoder,
                                              hidden_levels=config.hidden_levels,
                                              hidden_channels=config.hidden_channels))
@@ -97,20 +104,43 @@ class RIIRNetwork(nn.Module):
                                               create_graph=differentiate)
         return gradient, float(loss.detach())
 
-    def iterate(self, fixed: torch.Tensor, moving: torch.Tensor, steps: int,
-                init: torch.Tensor | None = None) -> Iterator[RIIRState]:
-        """Run ``steps`` RIIR steps on images already on the working grid, yielding each as it is done."""
+    def iterate(self, fixed: torch.Tensor, moving: torch.Tensor, steps: int, init: torch.Tensor | None = None,
+                detail: tuple[torch.Tensor, torch.Tensor] | None = None) -> Iterator[RIIRState]:
+        """Run ``steps`` RIIR steps on images already on the working grid, yielding each as it is done.
+        ``detail``: (fixed, moving) from :func:`detail_channels`, required with ``detail_input``."""
+        if self.config.detail_input and detail is None:
+            raise ValueError("this RIIR network was built with detail_input: pass the images' detail channels")
         u = torch.zeros_like(fixed).repeat(1, self.config.ndim, *([1] * self.config.ndim)) if init is None else init
         hidden: list | None = None
         multiple = self.cell.config.multiple
         for _ in range(steps):
             gradient, inner = self.inner_gradient(fixed, moving, u)
-            x, crop = pad_to_multiple(torch.cat([u, gradient, warp(moving, u), fixed], dim=1), multiple)
+            inputs = [u, gradient, warp(moving, u), fixed]
+            if self.config.detail_input:
+                inputs += [detail[0], warp(detail[1], u)]
+            x, crop = pad_to_multiple(torch.cat(inputs, dim=1), multiple)
             out, hidden = self.cell(x, hidden)
             delta = out[crop]
             u = u + delta
             yield RIIRState(u, delta, hidden, gradient, inner)
 
-    def forward(self, fixed: torch.Tensor, moving: torch.Tensor, steps: int | None = None) -> list[torch.Tensor]:
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor, steps: int | None = None,
+                detail: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Training: every step's displacement on the working grid (the caller upsamples)."""
-        return [state.displacement for state in self.iterate(fixed, moving, steps or self.config.steps)]
+        return [state.displacement for state in self.iterate(fixed, moving, steps or self.config.steps,
+                                                             detail=detail)]
+
+
+def detail_channels(image: torch.Tensor, working_shape) -> torch.Tensor:
+    """``image`` [B, 1, *spatial] resampled to twice ``working_shape`` and folded into 2^ndim channels on the
+    working grid: channel k holds the voxels of sub-voxel phase k (a pixel unshuffle by 2). No resampling when
+    the image grid is already twice the working grid (128^3 images, 64^3 working grid)."""
+    nd = image.dim() - 2
+    fine = tuple(2 * int(n) for n in working_shape)
+    if tuple(image.shape[2:]) != fine:
+        image = resize_image(image, fine)
+    b = image.shape[0]
+    split = image.reshape(b, *[v for n in working_shape for v in (int(n), 2)])  # [B, n0, 2, n1, 2, ...]
+    phases = [2 + 2 * d for d in range(nd)]
+    cells = [1 + 2 * d for d in range(nd)]
+    return split.permute(0, *phases, *cells).reshape(b, 2 ** nd, *[int(n) for n in working_shape]).contiguous()

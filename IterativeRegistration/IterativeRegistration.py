@@ -28,7 +28,6 @@ if _HERE not in sys.path:
 SIMILARITIES = ("lncc", "mse", "nmi")
 OVERLAYS = ("moving image", "channel")
 REPRESENTATIONS = ("freeform", "diffeomorphic", "svf")
-PRECISIONS = ("float32", "bfloat16")
 
 
 class IterativeRegistration(ScriptedLoadableModule):
@@ -101,7 +100,7 @@ class IterativeRegistrationLogic(ScriptedLoadableModuleLogic):
                 options[key] = cast(p(parameter))
         if "working_size" in option_names and int(p("WorkingSize") or 0) > 0:  # 0: the checkpoint's own grid
             options["working_size"] = int(p("WorkingSize"))
-        if "precision" in option_names and p("Precision") in PRECISIONS[1:]:  # float32: the engine's default
+        if "precision" in option_names and p("Precision") == "bfloat16":  # float32: the engine's default
             options["precision"] = p("Precision")
         if "representation" in option_names and p("Representation"):
             options["representation"] = p("Representation")

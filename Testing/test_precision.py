@@ -36,7 +36,8 @@ def native_bfloat16(monkeypatch):
     monkeypatch.setattr(precision, "bfloat16_is_native", lambda device: True)
 
 
-def convolution_input_dtypes(network) -> list:
+def convolution_output_dtypes(network) -> list:
+    """Collects the dtype each convolution of ``network`` computes in (that of its output), call by call."""
     seen = []
     for module in network.modules():
         if isinstance(module, torch.nn.modules.conv._ConvNd):
@@ -49,7 +50,7 @@ def test_float32_is_the_default_and_leaves_the_network_as_it_is(method, ndim, st
     instance = get_method(method).create(ndim=ndim)
     assert instance.options.precision == "float32"
     assert not any("forward" in vars(m) for m in instance.network.modules())
-    seen = convolution_input_dtypes(instance.network)
+    seen = convolution_output_dtypes(instance.network)
     fixed, moving = blobs(ndim)
     list(instance.run(fixed, moving, steps=steps))
     assert seen and set(seen) == {torch.float32}
@@ -58,7 +59,7 @@ def test_float32_is_the_default_and_leaves_the_network_as_it_is(method, ndim, st
 @pytest.mark.parametrize("method,ndim,steps", NETWORK_METHODS)
 def test_bfloat16_convolutions_hand_float32_to_the_rest_of_the_method(method, ndim, steps, native_bfloat16):
     instance = get_method(method).create(ndim=ndim, options={"precision": "bfloat16"})
-    seen = convolution_input_dtypes(instance.network)
+    seen = convolution_output_dtypes(instance.network)
     fixed, moving = blobs(ndim)
     for step in instance.run(fixed, moving, steps=steps):
         assert not torch.is_autocast_enabled("cpu")  # the consumer between steps computes in float32
@@ -69,7 +70,7 @@ def test_bfloat16_convolutions_hand_float32_to_the_rest_of_the_method(method, nd
 
 def test_deqreg_solver_thread_computes_in_bfloat16_too(native_bfloat16):
     instance = get_method("deqreg").create(ndim=2, options={"precision": "bfloat16", "tolerance": 0.0})
-    seen = convolution_input_dtypes(instance.network)
+    seen = convolution_output_dtypes(instance.network)
     fixed, moving = blobs(2)
     steps = list(instance.run(fixed, moving, steps=4))
     assert len(steps) == 4 and set(seen) == {torch.bfloat16}
@@ -104,7 +105,7 @@ def test_r2n2_offers_no_choice_and_computes_in_float32(native_bfloat16):
     with pytest.raises(InputError, match="unknown option.*precision"):
         get_method("r2n2").create(ndim=2, options={"precision": "bfloat16"})
     instance = get_method("r2n2").create(ndim=2)
-    seen = convolution_input_dtypes(instance.network)
+    seen = convolution_output_dtypes(instance.network)
     list(instance.run(*blobs(2), steps=2))
     assert set(seen) == {torch.float32}
 

@@ -140,12 +140,19 @@ class LearnedIterativeMethod(NetworkMethod):
     def default_architecture(cls, ndim: int) -> dict:
         return cls.config_class(ndim=ndim).to_dict()
 
-    @staticmethod
-    def predict(network, fixed: torch.Tensor, moving: torch.Tensor) -> list[torch.Tensor]:
+    @classmethod
+    def predict(cls, network, fixed: torch.Tensor, moving: torch.Tensor) -> list[torch.Tensor]:
         """The displacements the outer loss sums over (RIIR: every step; DEQReg: the sampled states in training,
         the solution in evaluation), upsampled to the image grid and differentiable."""
         grid = WorkingGrid.for_images(fixed, network.config.working_scale)
-        return [grid.displacement_up(u) for u in network(grid.image_down(fixed), grid.image_down(moving))]
+        fields = network(grid.image_down(fixed), grid.image_down(moving),
+                         **cls.full_resolution_inputs(network, fixed, moving, grid))
+        return [grid.displacement_up(u) for u in fields]
+
+    @staticmethod
+    def full_resolution_inputs(network, fixed, moving, grid: WorkingGrid) -> dict:
+        """Extra keyword inputs a network takes from the images at full resolution (RIIR's ``detail``)."""
+        return {}
 
     @staticmethod
     def step_weights(network, count: int) -> list[float]:

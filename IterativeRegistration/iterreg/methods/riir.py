@@ -40,18 +40,11 @@ class RIIRMethod(LearnedIterativeMethod):
         return int((metadata.get("architecture") or {}).get("steps", cls.default_steps))
 
     @staticmethod
-    def detail(network, fixed, moving, grid: WorkingGrid):
-        """The images' detail channels if the network takes them (``detail_input``), else None."""
+    def full_resolution_inputs(network, fixed, moving, grid: WorkingGrid) -> dict:
+        """The images' detail channels if the network takes them (``detail_input``)."""
         if not network.config.detail_input:
-            return None
-        return detail_channels(fixed, grid.shape), detail_channels(moving, grid.shape)
-
-    @classmethod
-    def predict(cls, network, fixed, moving):
-        grid = WorkingGrid.for_images(fixed, network.config.working_scale)
-        fields = network(grid.image_down(fixed), grid.image_down(moving), detail=cls.detail(network, fixed, moving,
-                                                                                              grid))
-        return [grid.displacement_up(u) for u in fields]
+            return {}
+        return {"detail": (detail_channels(fixed, grid.shape), detail_channels(moving, grid.shape))}
 
     # --- inference --------------------------------------------------------------------------------------------
     def run(self, fixed, moving, steps=None, prompts: Prompts | None = None,
@@ -62,8 +55,8 @@ class RIIRMethod(LearnedIterativeMethod):
         previous = start
         fixed_w, moving_w = grid.image_down(fixed), grid.image_down(moving)
         with torch.no_grad():
-            detail = self.detail(self.network, fixed, moving, grid)
-            for t, state in enumerate(self.network.iterate(fixed_w, moving_w, steps, start, detail=detail)):
+            extra = self.full_resolution_inputs(self.network, fixed, moving, grid)
+            for t, state in enumerate(self.network.iterate(fixed_w, moving_w, steps, start, **extra)):
                 channels = {f"h{k + 1}": grid.crop_coarse(h[0], level)
                             for k, (h, level) in enumerate(zip(state.hidden, self.network.config.hidden_levels))}
                 channels["inner_gradient"] = state.inner_gradient[0]

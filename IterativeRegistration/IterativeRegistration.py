@@ -54,7 +54,7 @@ class IterativeRegistrationLogic(ScriptedLoadableModuleLogic):
         "RegularizationWeight": "1.0", "Tolerance": "0.0001", "ChannelVolumes": "true", "Jacobian": "true", "Centres": "true",
         "KeepPrevious": "true", "UsePrompts": "false", "Overlay": "moving image", "Series": "false", "FixedFrame": "0",
         "Representation": "freeform", "WorkingSize": "0", "WeightSearch": "false",
-        "RefineIterations": "0", "Precision": "float32",
+        "RefineIterations": "0", "Precision": "float32", "PolishIterations": "0",
     }
     REFERENCES = ("FixedVolume", "MovingVolume", "FixedLandmarks", "MovingLandmarks")
 
@@ -102,6 +102,8 @@ class IterativeRegistrationLogic(ScriptedLoadableModuleLogic):
             options["working_size"] = int(p("WorkingSize"))
         if "precision" in option_names and p("Precision") == "bfloat16":  # float32: the engine's default
             options["precision"] = p("Precision")
+        if "polish_iterations" in option_names and int(p("PolishIterations") or 0) > 0:  # 0: the network alone
+            options["polish_iterations"] = int(p("PolishIterations"))
         if "representation" in option_names and p("Representation"):
             options["representation"] = p("Representation")
         if "frame_axis" in option_names and p("Series") == "true":
@@ -200,7 +202,8 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self.ui.checkpointComboBox.currentIndexChanged.connect(self.onCheckpointChanged)
         self.ui.overlayComboBox.currentIndexChanged.connect(self.onOverlayChanged)
         for spin in (self.ui.stepsSpinBox, self.ui.regularizationSpinBox, self.ui.toleranceSpinBox,
-                     self.ui.workingSizeSpinBox, self.ui.fixedFrameSpinBox, self.ui.refineGaussianSpinBox):
+                     self.ui.workingSizeSpinBox, self.ui.fixedFrameSpinBox, self.ui.refineGaussianSpinBox,
+                     self.ui.polishSpinBox):
             spin.valueChanged.connect(self.updateParameterNodeFromGUI)
         for box in (self.ui.channelVolumesCheckBox, self.ui.jacobianCheckBox, self.ui.centresCheckBox,
                     self.ui.keepPreviousCheckBox, self.ui.promptCheckBox, self.ui.seriesCheckBox,
@@ -298,6 +301,7 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             self.ui.seriesCheckBox.checked = p.GetParameter("Series") == "true"
             self.ui.weightSearchCheckBox.checked = p.GetParameter("WeightSearch") == "true"
             self.ui.refineGaussianSpinBox.value = int(p.GetParameter("RefineIterations") or 0)
+            self.ui.polishSpinBox.value = int(p.GetParameter("PolishIterations") or 0)
             self.ui.fixedFrameSpinBox.value = int(p.GetParameter("FixedFrame") or 0)
             self.ui.keepPreviousCheckBox.checked = p.GetParameter("KeepPrevious") == "true"
             self.ui.promptCheckBox.checked = p.GetParameter("UsePrompts") == "true"
@@ -330,6 +334,7 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         p.SetParameter("Series", "true" if self.ui.seriesCheckBox.checked else "false")
         p.SetParameter("WeightSearch", "true" if self.ui.weightSearchCheckBox.checked else "false")
         p.SetParameter("RefineIterations", str(self.ui.refineGaussianSpinBox.value))
+        p.SetParameter("PolishIterations", str(self.ui.polishSpinBox.value))
         p.SetParameter("FixedFrame", str(self.ui.fixedFrameSpinBox.value))
         p.SetParameter("KeepPrevious", "true" if self.ui.keepPreviousCheckBox.checked else "false")
         p.SetParameter("UsePrompts", "true" if self.ui.promptCheckBox.checked else "false")
@@ -379,6 +384,7 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self.ui.seriesCheckBox.enabled = self.ui.fixedFrameSpinBox.enabled = "frame_axis" in options
         self.ui.weightSearchCheckBox.enabled = "weight_search" in options
         self.ui.refineGaussianSpinBox.enabled = "refine_iterations" in options
+        self.ui.polishSpinBox.enabled = "polish_iterations" in options
         for key, widget in (("regularization_weight", self.ui.regularizationSpinBox),
                             ("tolerance", self.ui.toleranceSpinBox)):
             if key in options:

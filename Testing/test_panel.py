@@ -344,3 +344,20 @@ def test_landmark_refinement_of_a_dio_result_can_be_watched_scored_and_undone(pa
     composite = scene.GetNthNodeByClass(0, "vtkMRMLSliceCompositeNode")
     assert composite.GetForegroundVolumeID() == first.nodes["warping"].GetID()
     assert ui.refineButton.enabled  # refine again from the restored result
+
+
+def test_the_polish_is_offered_for_the_network_methods_that_take_it_and_reaches_the_run(panel, sample_pair):
+    widget, scene = panel
+    ui = widget.ui
+    select_pair(widget, scene, sample_pair)
+    for method, offered in (("classical", False), ("r2n2", False), ("dio", False), ("voxelmorph", True),
+                            ("deqreg", True), ("iirp", True), ("riir", True)):
+        ui.methodComboBox.currentIndex = ui.methodComboBox.findData(method)
+        assert ui.polishSpinBox.enabled == offered, method
+    assert ui.polishSpinBox.value == 0  # "off": the paper's method alone
+    assert "polish_iterations" not in widget.logic.settings_from_parameters(widget._parameterNode).options
+    ui.polishSpinBox.value = 2
+    assert widget._parameterNode.GetParameter("PolishIterations") == "2"
+    assert widget.logic.settings_from_parameters(widget._parameterNode).options["polish_iterations"] == 2
+    ui.methodComboBox.currentIndex = ui.methodComboBox.findData("r2n2")  # its transform stays its Gaussians
+    assert "polish_iterations" not in widget.logic.settings_from_parameters(widget._parameterNode).options

@@ -58,9 +58,11 @@ def estimated_bytes(memory_per_voxel: float, fixed_shape: Sequence[int], moving_
     return int(SAFETY_FACTOR * (memory_per_voxel * fixed_voxels + MOVING_BYTES_PER_VOXEL * moving_voxels))
 
 
-def check_memory(method_cls, fixed_shape: Sequence[int], moving_shape: Sequence[int], device) -> int:
-    """Raise :class:`NotEnoughMemory` when the run would not fit on ``device``; return the estimate (bytes)."""
-    need = estimated_bytes(method_cls.memory_per_voxel, fixed_shape, moving_shape)
+def check_memory(method_cls, fixed_shape: Sequence[int], moving_shape: Sequence[int], device,
+                 options: dict | None = None) -> int:
+    """Raise :class:`NotEnoughMemory` when the run (with ``options``) would not fit on ``device``; return the
+    estimate (bytes)."""
+    need = estimated_bytes(method_cls.peak_memory_per_voxel(options), fixed_shape, moving_shape)
     free = available_bytes(device)
     if free is not None and need > free:
         import torch

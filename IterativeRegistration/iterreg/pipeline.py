@@ -122,7 +122,7 @@ def register_files(request: RegistrationRequest, on_step: Callable[[Step], None]
     device = resolve_device(request.device)
     # Before any pixel is read: does the run fit in memory? (sizes from the headers)
     check_memory(method_cls, read_image_size(request.fixed, "fixed image"),
-                 read_image_size(request.moving, "moving image"), device)
+                 read_image_size(request.moving, "moving image"), device, request.options)
     fixed = read_image(request.fixed, "fixed image")
     moving = read_image(request.moving, "moving image")
     pair = prepare_pair(fixed, moving)
@@ -173,7 +173,7 @@ def _run_and_save(request, method, pair, evaluation, steps, prompts, staging: Pa
     records = []
     start = time.perf_counter()
     last: Step | None = None
-    bar = tqdm(total=steps, desc=request.method, unit="step", disable=not progress, leave=False)
+    bar = tqdm(total=method.planned_steps(steps), desc=request.method, unit="step", disable=not progress, leave=False)
     run = method.run_pair(pair, steps, prompts, init)
     for step in finite_steps(method, run):
         last = step

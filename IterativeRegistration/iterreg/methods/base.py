@@ -139,6 +139,12 @@ class RegistrationMethod(ABC):
     Options: ClassVar[type[MethodOptions]] = MethodOptions
 
     @classmethod
+    def peak_memory_per_voxel(cls, options: dict | None) -> float:
+        """``memory_per_voxel`` of a run with ``options`` (a network method's polish adds the classical
+        optimizer's work on the image grid)."""
+        return cls.memory_per_voxel
+
+    @classmethod
     def checkpoint_default_steps(cls, metadata: dict) -> int:
         """How many steps a run with the checkpoint described by ``metadata`` takes unless told: the class's
         ``default_steps``, or what the checkpoint decides for methods whose paper ties the two (RIIR)."""
@@ -204,6 +210,10 @@ class RegistrationMethod(ABC):
         steps = self.default_step_count if steps is None else int(steps)
         if not 1 <= steps <= self.max_steps:
             raise InputError(f"method '{self.name}' takes 1 to {self.max_steps} steps, got {steps}")
+        return steps
+
+    def planned_steps(self, steps: int) -> int:
+        """How many steps a run of ``steps`` yields at most (for progress: a method may stop earlier)."""
         return steps
 
     @abstractmethod

@@ -13,6 +13,7 @@ from typing import Iterator
 import torch
 
 from .base import Prompts, Step
+from .polish import PolishOptions
 from .learned import LearnedIterativeMethod, NetworkOptions, WorkingGridOptions
 from ..errors import InputError
 from ..networks.deqreg import SOLVERS, DEQRegConfig, DEQRegNetwork
@@ -20,7 +21,7 @@ from ..spatial import vector_length
 
 
 @dataclass(frozen=True)
-class DEQRegOptions(WorkingGridOptions, NetworkOptions):
+class DEQRegOptions(WorkingGridOptions, PolishOptions, NetworkOptions):
     tolerance: float = 1e-3  # relative residual |g(u) - u| / |g(u)| at which the solve stops (0: never early)
     solver: str = ""  # fixed_point_iter | anderson; "": the checkpoint's
     damping: float = 0.0  # (0, 1]: each iteration moves this far towards g(u) (1: the paper's plain
@@ -49,7 +50,7 @@ class DEQRegMethod(LearnedIterativeMethod):
     network_class, config_class = DEQRegNetwork, DEQRegConfig
 
     # --- inference --------------------------------------------------------------------------------------------
-    def run(self, fixed, moving, steps=None, prompts: Prompts | None = None,
+    def network_steps(self, fixed, moving, steps=None, prompts: Prompts | None = None,
             init: torch.Tensor | None = None) -> Iterator[Step]:
         steps = self.check_inputs(fixed, moving, steps)
         fixed, moving, grid, start = self._prepare(fixed, moving, prompts, init)

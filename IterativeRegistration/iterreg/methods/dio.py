@@ -181,7 +181,7 @@ class DIOMethod(LearnedIterativeMethod):
                              "3 slices")
         return fitting
 
-    def run(self, fixed, moving, steps=None, prompts: Prompts | None = None,
+    def network_steps(self, fixed, moving, steps=None, prompts: Prompts | None = None,
             init: torch.Tensor | None = None, moving_own_grid=None) -> Iterator[Step]:
         """``moving_own_grid`` (:class:`iterreg.imaging.MovingOnOwnGrid`, optional): the moving image on the grid
         it was acquired on; with ``features_on_own_grid`` its features are extracted there."""

@@ -15,6 +15,7 @@ from typing import Iterator
 import torch
 
 from .base import Prompts, Step
+from .polish import PolishOptions
 from .learned import LearnedIterativeMethod, NetworkOptions, WorkingGridOptions
 from ..errors import InputError
 from ..metrics import global_ncc
@@ -23,7 +24,7 @@ from ..spatial import warp
 
 
 @dataclass(frozen=True)
-class IIRPOptions(WorkingGridOptions, NetworkOptions):
+class IIRPOptions(WorkingGridOptions, PolishOptions, NetworkOptions):
     delta: float = 0.005  # IterStop: a further pass must raise the global NCC by at least this
     max_iterations: int = 10  # passes per level at most
     level_iterations: tuple = ()  # (a, b, c, d) coarse to fine: exactly these passes, IterStop off; (1,1,1,1) = RP-Net
@@ -62,7 +63,7 @@ class IIRPMethod(LearnedIterativeMethod):
             return [int(n) for n in reversed(self.options.level_iterations)], None
         return [self.options.max_iterations] * LEVELS, self.options.delta
 
-    def run(self, fixed, moving, steps=None, prompts: Prompts | None = None,
+    def network_steps(self, fixed, moving, steps=None, prompts: Prompts | None = None,
             init: torch.Tensor | None = None) -> Iterator[Step]:
         steps = self.check_inputs(fixed, moving, steps)
         if init is not None:

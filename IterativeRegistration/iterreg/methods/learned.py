@@ -8,13 +8,16 @@ metric and result is computed on the full grid with the displacement upsampled, 
 from __future__ import annotations
 
 import functools
+from abc import abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import ClassVar, Iterator, Sequence
 
 import torch
 
-from .base import MethodOptions, RegistrationMethod, Step, standard_step_metrics, warp_later
+from .base import MethodOptions, Prompts, RegistrationMethod, Step, standard_step_metrics, warp_later
+from .classical import ClassicalMethod
+from .polish import polished
 from ..checkpoints import read_checkpoint
 from ..errors import InputError
 from ..networks.precision import check_precision, compute_in_precision
@@ -95,8 +98,9 @@ class WorkingGridOptions(MethodOptions):
 
 
 class NetworkMethod(RegistrationMethod):
-    """A method run by one network loaded from a checkpoint (VoxelMorph, RIIR, DEQReg): loading, the loss the
-    checkpoint was trained with (for the step metrics) and the image-dimension check."""
+    """A method run by one network loaded from a checkpoint (VoxelMorph, RIIR, DEQReg, ...): loading, the loss the
+    checkpoint was trained with (for the step metrics and the polish), the image-dimension check, and a run made
+    of the network's steps followed by the opt-in polish on the image grid (``polish_iterations``, polish.py)."""
 
     def __init__(self, network, metadata: dict, options=None, device="cpu"):
         super().__init__(options, device)
@@ -112,6 +116,24 @@ class NetworkMethod(RegistrationMethod):
     def from_checkpoint(cls, path, device="cpu", options=None):
         network, metadata = load_network(cls, path)
         return cls(network, metadata, cls.Options.from_dict(options), device)
+
+    @classmethod
+    def peak_memory_per_voxel(cls, options: dict | None) -> float:
+        # a polish runs the classical optimizer's finest level on the image grid after the network has finished
+        polish = int((options or {}).get("polish_iterations", 0) or 0)
+        return max(cls.memory_per_voxel, ClassicalMethod.memory_per_voxel if polish else 0)
+
+    def planned_steps(self, steps: int) -> int:
+        return steps + getattr(self.options, "polish_iterations", 0)
+
+    def run(self, fixed, moving, steps=None, prompts: Prompts | None = None, init: torch.Tensor | None = None,
+            **inputs) -> Iterator[Step]:
+        return polished(self, self.network_steps(fixed, moving, steps, prompts, init, **inputs), fixed, moving)
+
+    @abstractmethod
+    def network_steps(self, fixed, moving, steps=None, prompts: Prompts | None = None,
+                      init: torch.Tensor | None = None) -> Iterator[Step]:
+        """The network's own steps, as :meth:`RegistrationMethod.run` describes them."""
 
     def check_inputs(self, fixed, moving, steps):
         steps = super().check_inputs(fixed, moving, steps)

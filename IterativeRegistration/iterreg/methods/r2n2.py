@@ -89,7 +89,7 @@ class R2N2Method(LearnedIterativeMethod):
         singles = [k for k, n in enumerate(image.shape[2:]) if n == 1]
         return singles[0] if len(singles) == 1 else None
 
-    def run(self, fixed, moving, steps=None, prompts: Prompts | None = None,
+    def network_steps(self, fixed, moving, steps=None, prompts: Prompts | None = None,
             init: torch.Tensor | None = None) -> Iterator[Step]:
         if self.options.frame_axis >= 0:
             yield from self._run_series(fixed, moving, steps, prompts, init)

@@ -13,12 +13,13 @@ from typing import Iterator
 import torch
 
 from .base import Prompts, Step
+from .polish import PolishOptions
 from .learned import LearnedIterativeMethod, NetworkOptions, WorkingGrid, WorkingGridOptions
 from ..networks.riir import RIIRConfig, RIIRNetwork, detail_channels
 
 
 @dataclass(frozen=True)
-class RIIROptions(WorkingGridOptions, NetworkOptions):
+class RIIROptions(WorkingGridOptions, PolishOptions, NetworkOptions):
     pass
 
 
@@ -47,7 +48,7 @@ class RIIRMethod(LearnedIterativeMethod):
         return {"detail": (detail_channels(fixed, grid.shape), detail_channels(moving, grid.shape))}
 
     # --- inference --------------------------------------------------------------------------------------------
-    def run(self, fixed, moving, steps=None, prompts: Prompts | None = None,
+    def network_steps(self, fixed, moving, steps=None, prompts: Prompts | None = None,
             init: torch.Tensor | None = None) -> Iterator[Step]:
         steps = self.check_inputs(fixed, moving, steps)
         fixed, moving, grid, start = self._prepare(fixed, moving, prompts, init)

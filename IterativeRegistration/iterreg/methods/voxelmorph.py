@@ -11,6 +11,7 @@ from typing import Iterator
 import torch
 
 from .base import Prompts, Step, standard_step_metrics
+from .polish import PolishOptions
 from .learned import NetworkMethod, NetworkOptions
 from ..errors import InputError
 from ..networks.unet import UNet, UNetConfig, pad_to_multiple
@@ -18,7 +19,7 @@ from ..spatial import warp
 
 
 @dataclass(frozen=True)
-class VoxelMorphOptions(NetworkOptions):
+class VoxelMorphOptions(PolishOptions, NetworkOptions):
     feature_maps: int = 4  # decoder feature maps exposed as the "features" channel
 
 
@@ -49,7 +50,7 @@ class VoxelMorphMethod(NetworkMethod):
 
     # --- inference --------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def run(self, fixed, moving, steps=None, prompts: Prompts | None = None,
+    def network_steps(self, fixed, moving, steps=None, prompts: Prompts | None = None,
             init: torch.Tensor | None = None) -> Iterator[Step]:
         self.check_inputs(fixed, moving, steps)
         if init is not None:  # a one-shot network cannot refine: report, do not silently ignore

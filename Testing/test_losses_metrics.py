@@ -136,3 +136,20 @@ def test_field_regularity_of_affine_and_folding_fields():
     assert reg["min_jacobian"] == pytest.approx(1.1 * 1.2 * 0.9)
     folding = linear_field((8, 8, 8), [[-2.0, 0, 0], [0, 0, 0], [0, 0, 0]])  # det = -1 everywhere
     assert metrics.folding_percent(folding) == pytest.approx(100.0)
+
+
+def test_our_adam_takes_torch_optim_adams_steps():
+    # iterreg.adam exists only to avoid torch.optim's 0.8 s import of torch._dynamo; its numbers must be Adam's
+    from iterreg.adam import Adam
+
+    torch.manual_seed(0)
+    target = torch.randn(3, 16, 16)
+    ours, theirs = torch.zeros(3, 16, 16, requires_grad=True), torch.zeros(3, 16, 16, requires_grad=True)
+    optimisers = Adam([ours], lr=0.2), torch.optim.Adam([theirs], lr=0.2)
+    for _ in range(6):
+        for tensor, optimiser in zip((ours, theirs), optimisers):
+            optimiser.zero_grad()
+            ((tensor - target) ** 3).abs().sum().backward()
+            optimiser.step()
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    assert (ours - torch.zeros_like(ours)).abs().amax() > 0.5  # it moved

@@ -20,7 +20,7 @@ from ..errors import InputError
 from ..metrics import folding_percent
 from ..spatial import resize_displacement, resize_image, spatial_ndim, vector_length, warp
 
-__all__ = ["Step", "Prompts", "RegistrationMethod", "MethodOptions", "standard_step_metrics", "warp_later"]
+__all__ = ["Step", "Prompts", "RegistrationMethod", "MethodOptions", "standard_step_metrics", "warp_later", "MonitorGrid"]
 
 
 class _ComputedOnAccess:
@@ -258,14 +258,41 @@ def standard_step_metrics(fixed: torch.Tensor, warped: torch.Tensor, displacemen
     }
 
 
-def _monitor_grid(fixed, warped, displacement):
-    shape = fixed.shape[2:]
+def monitor_shape(shape) -> tuple[int, ...]:
+    """The grid per-step metrics are computed on for images of ``shape``: at most ``MONITOR_VOXELS`` voxels."""
+    shape = tuple(int(n) for n in shape)
     voxels = math.prod(shape)
     if voxels <= MONITOR_VOXELS:
-        return fixed, warped, displacement
+        return shape
     factor = (MONITOR_VOXELS / voxels) ** (1 / len(shape))
-    small = [max(8, round(n * factor)) for n in shape]
+    return tuple(max(8, round(n * factor)) for n in shape)
+
+
+def _monitor_grid(fixed, warped, displacement):
+    small = monitor_shape(fixed.shape[2:])
+    if small == tuple(fixed.shape[2:]):
+        return fixed, warped, displacement
     return resize_image(fixed, small), resize_image(warped, small), resize_displacement(displacement, small)
+
+
+class MonitorGrid:
+    """The standard step metrics of a full-resolution field without warping at full resolution: the images are
+    brought to the monitor grid once per run and warped there by the field brought down (as a working-grid
+    method's metrics are computed on its working grid). ``update_norm`` stays exact, at full resolution."""
+
+    def __init__(self, fixed: torch.Tensor, moving: torch.Tensor):
+        self.shape = monitor_shape(fixed.shape[2:])
+        self.fixed, self.moving = resize_image(fixed, self.shape), resize_image(moving, self.shape)
+
+    @torch.no_grad()
+    def metrics(self, displacement, previous, similarity: str, similarity_kwargs: dict | None = None,
+                regularizer: str = "diffusion") -> dict[str, float]:
+        small = resize_displacement(displacement, self.shape)
+        metrics = standard_step_metrics(self.fixed, warp(self.moving, small), small, None, similarity,
+                                        similarity_kwargs, regularizer)
+        change = displacement if previous is None else displacement - previous
+        metrics["update_norm"] = float(vector_length(change).max())
+        return metrics
 
 
 def finite_steps(method: "RegistrationMethod", steps: Iterator[Step]) -> Iterator[Step]:

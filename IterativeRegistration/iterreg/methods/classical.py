@@ -13,8 +13,9 @@ from typing import Iterator
 
 import torch
 
-from .base import MethodOptions, Prompts, RegistrationMethod, Step, standard_step_metrics
+from .base import MethodOptions, MonitorGrid, Prompts, RegistrationMethod, Step, warp_later
 from .. import losses
+from ..adam import Adam
 from ..errors import InputError
 from ..spatial import gaussian_smooth, resize_displacement, resize_image, warp
 
@@ -86,6 +87,7 @@ class ClassicalMethod(RegistrationMethod):
         base = None if init is None else init.to(self.device, fixed.dtype)
         correction = None
         previous_full = base
+        monitor = MonitorGrid(fixed, moving)
         index = 0
         for level_number, (factor, n_iter) in enumerate(zip(levels, budget), start=1):
             shape = [max(4, -(-n // factor)) for n in full_shape]
@@ -97,7 +99,7 @@ class ClassicalMethod(RegistrationMethod):
             else:
                 start = resize_displacement(correction, shape)
             field = start.clone().requires_grad_(True)
-            optimiser = torch.optim.Adam([field], lr=opts.learning_rate)
+            optimiser = Adam([field], lr=opts.learning_rate)
             best, stale = float("inf"), 0
             points = self._prompt_points(prompts, full_shape, shape)
             for iteration in range(n_iter):
@@ -127,11 +129,10 @@ class ClassicalMethod(RegistrationMethod):
                     full = resize_displacement(field.detach(), full_shape).clone()
                     if base is not None:
                         full = full + base
-                    warped = warp(moving, full)
-                    metrics = standard_step_metrics(fixed, warped, full, previous_full, opts.similarity,
-                                                    sim_kwargs, opts.regularizer)
+                    metrics = monitor.metrics(full, previous_full, opts.similarity, sim_kwargs, opts.regularizer)
                 metrics.update(level=level_number, iteration=iteration + 1, level_loss=value)
-                yield Step(index, full, warped, metrics,
+                # the full-resolution warped image only if someone reads it (a streamed step, the last one)
+                yield Step(index, full, warp_later(moving, full), metrics,
                            channels={"gradient": field.grad.detach()[0].clone()},
                            phase=f"level {level_number}/{len(levels)} (1/{factor}), iteration {iteration + 1}",
                            final=final)

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from .. import losses
+from ..adam import Adam
 from ..spatial import gaussian_smooth, normalised_grid, normalised_to_voxels, sample_at_voxels, warp
 from .config import DictConfig
 from .conv import conv
@@ -339,7 +340,7 @@ def refine_gaussian(fixed: torch.Tensor, moving: torch.Tensor, u: torch.Tensor, 
     nd, shape = u.shape[1], u.shape[2:]
     raw = gaussian_raw(g, sigma_max).detach().requires_grad_(True)
     best_raw, best = raw.detach().clone(), torch.full((u.shape[0],), math.inf, device=u.device)
-    optimizer = torch.optim.Adam([raw], lr=REFINE_LEARNING_RATE)
+    optimizer = Adam([raw], lr=REFINE_LEARNING_RATE)
     with torch.enable_grad():
         for k in range(iterations + 1):
             local, _ = gaussian_displacement(gaussian_from_raw(raw, nd, sigma_max), shape)

@@ -91,7 +91,8 @@ def parse_method_spec(spec: str) -> tuple[str, dict]:
 def row_label(spec: str) -> str:
     """The table's name for a method spec: ``riir:polish_iterations=1`` -> ``riir + polish 1``."""
     name, options = parse_method_spec(spec)
-    words = [f"polish {v}" if k == "polish_iterations" else f"{k} {v}" for k, v in options.items()]
+    words = [f"polish {v}" if k == "polish_iterations" else v if k == "precision" else f"{k} {v}"
+             for k, v in options.items()]
     return " + ".join([name, *words])
 
 
@@ -168,8 +169,11 @@ def main() -> int:
     from iterreg.methods import ready_methods
     from iterreg.sample_data import make_pair, write_pair
 
+    from iterreg.networks.precision import bfloat16_is_native
     methods = args.methods or ready_methods(3) + [v for v in POLISHED_VARIANTS
                                                   if parse_method_spec(v)[0] in ready_methods(3)]
+    if not args.methods and bfloat16_is_native("cpu") and "riir" in ready_methods(3):
+        methods.append("riir:polish_iterations=1,precision=bfloat16")  # as a user of such a CPU may choose
     if elastix_available():
         methods.append("elastix")
     else:
@@ -214,7 +218,8 @@ def main() -> int:
             "peak memory is the whole child process (Python + libraries + data). Lazy imports (MONAI) are done "
             "before timing, as in a running worker or Slicer session. 'method + polish k': the opt-in option "
             "`polish_iterations` (k iterations of the classical optimizer on the image grid after the network, from "
-            "its field; not in the papers: Docs/methods.md).",
+            "its field; not in the papers: Docs/methods.md); '+ bfloat16': the opt-in `precision` where the CPU has it "
+            "natively.",
             "",
             table,
         ])

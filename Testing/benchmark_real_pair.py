@@ -23,7 +23,8 @@ from benchmark_dio import _residual_correlation, landmark_residuals, timed_run
 from benchmark_report import machine, markdown_table, write_section
 from real_pair import landmark_evaluation, mni_colin27_pair
 
-METHODS = ("identity", "classical", "voxelmorph", "riir", "deqreg", "iirp", "r2n2", "dio")
+METHODS = ("identity", "classical", "voxelmorph", "riir", "deqreg", "iirp", "r2n2", "dio",
+           "riir:polish_iterations=1", "riir:polish_iterations=2", "deqreg:polish_iterations=1")  # opt-in polish
 
 
 def landmark_errors(evaluation, u) -> np.ndarray:
@@ -32,16 +33,18 @@ def landmark_errors(evaluation, u) -> np.ndarray:
 
 
 def run_methods(real, pair, evaluation) -> tuple[list[list[str]], dict]:
-    from benchmark_baselines import elastix_available, elastix_displacement
+    from benchmark_baselines import elastix_available, elastix_displacement, parse_method_spec, row_label
     from iterreg.imaging import write_image_atomic
     from iterreg.methods import get_method
     from iterreg.metrics import folding_percent
     from iterreg.resources import default_checkpoint
     results, fields = {}, {}
-    for name in METHODS:
-        if name not in ("identity", "classical") and default_checkpoint(name, 3) is None:
+    for spec in METHODS:
+        method_name, options = parse_method_spec(spec)
+        if method_name not in ("identity", "classical") and default_checkpoint(method_name, 3) is None:
             continue
-        method = get_method(name).create(ndim=3)
+        name = row_label(spec)
+        method = get_method(method_name).create(ndim=3, options=options)
         list(method.run_pair(pair, None))  # warm-up: first runs pay allocations and imports
         start = time.perf_counter()
         u = list(method.run_pair(pair, None))[-1].displacement

@@ -19,7 +19,7 @@ from iterreg.errors import InputError
 from iterreg.memory_budget import estimated_bytes
 from iterreg.methods import get_method
 from iterreg.methods.classical import ClassicalMethod
-from iterreg.methods.polish import MAX_POLISH_ITERATIONS
+from iterreg.methods.polish import MAX_POLISH_ITERATIONS, POLISH_STEP_MM
 from iterreg.spatial import warp
 
 # (method, dimension of its bundled checkpoint used here (VoxelMorph has a 3D one only), the fewest steps it runs)
@@ -59,8 +59,21 @@ def test_a_polished_run_continues_from_the_networks_field_on_the_image_grid(meth
     # the network's part is the plain run's, and the polish starts from its field: a small change, not a restart
     torch.testing.assert_close(network[-1].displacement, plain[-1].displacement)
     first_change = (polish[0].displacement - plain[-1].displacement).abs().amax()
-    assert 0 < first_change < 0.5  # voxels: one Adam step of the classical optimizer (learning rate 0.2)
+    assert 0 < first_change <= 0.2 + 1e-4  # voxels: one Adam step of the classical optimizer (0.2, no spacing)
     assert polish[-1].displacement.shape == (1, ndim, *fixed.shape[2:])  # the image grid
+
+
+def test_the_polish_steps_a_fixed_distance_in_mm_where_the_spacing_is_known():
+    fixed, moving = blobs(2)
+    riir = get_method("riir").create(ndim=2, options={"polish_iterations": 1})
+    changes = {}
+    for spacing in (1.0, 3.0, None):  # None: bare tensors, the classical optimizer's 0.2 voxels
+        run = list(riir.run(fixed, moving, steps=2, spacing=None if spacing is None else (spacing, spacing)))
+        changes[spacing] = float((run[-1].displacement - run[-2].displacement).abs().amax())
+    # Adam's first step moves a voxel by at most its learning rate (then the field is smoothed)
+    assert 0.5 * POLISH_STEP_MM / 1.0 < changes[1.0] <= POLISH_STEP_MM / 1.0 + 1e-4
+    assert 0.5 * POLISH_STEP_MM / 3.0 < changes[3.0] <= POLISH_STEP_MM / 3.0 + 1e-4
+    assert 0.1 < changes[None] <= 0.2 + 1e-4
 
 
 def test_the_polish_lowers_the_networks_own_training_similarity():

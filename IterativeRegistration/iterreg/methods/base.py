@@ -225,11 +225,15 @@ class RegistrationMethod(ABC):
                  init: torch.Tensor | None = None) -> Iterator[Step]:
         """:meth:`run` on a prepared :class:`iterreg.imaging.RegistrationPair` on this method's device; a method
         that ``reads_moving_on_own_grid`` also gets the moving image on its own grid when that differs."""
-        extra = {}
-        if self.reads_moving_on_own_grid and pair.moving_own_grid is not None:
-            extra["moving_own_grid"] = pair.moving_own_grid.to(self.device)
         return self.run(pair.fixed.to(self.device), pair.moving.to(self.device), steps, prompts,
-                        None if init is None else init.to(self.device), **extra)
+                        None if init is None else init.to(self.device), **self.pair_inputs(pair))
+
+    def pair_inputs(self, pair) -> dict:
+        """Keyword inputs :meth:`run` takes from a prepared pair beyond its arrays: the moving image on its own
+        grid for a method that ``reads_moving_on_own_grid`` (when that grid differs)."""
+        if self.reads_moving_on_own_grid and pair.moving_own_grid is not None:
+            return {"moving_own_grid": pair.moving_own_grid.to(self.device)}
+        return {}
 
 
 MONITOR_VOXELS = 64 ** 3  # per-step metrics are computed on a grid of at most this many voxels

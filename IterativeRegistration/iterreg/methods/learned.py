@@ -127,8 +127,13 @@ class NetworkMethod(RegistrationMethod):
         return steps + getattr(self.options, "polish_iterations", 0)
 
     def run(self, fixed, moving, steps=None, prompts: Prompts | None = None, init: torch.Tensor | None = None,
-            **inputs) -> Iterator[Step]:
-        return polished(self, self.network_steps(fixed, moving, steps, prompts, init, **inputs), fixed, moving)
+            spacing: Sequence[float] | None = None, **inputs) -> Iterator[Step]:
+        """``spacing``: mm per array axis of the fixed grid, for the polish's step in mm (``run_pair`` gives it)."""
+        return polished(self, self.network_steps(fixed, moving, steps, prompts, init, **inputs), fixed, moving,
+                        spacing)
+
+    def pair_inputs(self, pair) -> dict:
+        return {**super().pair_inputs(pair), "spacing": pair.geometry.array_spacing}
 
     @abstractmethod
     def network_steps(self, fixed, moving, steps=None, prompts: Prompts | None = None,

@@ -11,7 +11,7 @@ image grid's fine boundaries are where their Dice is lost.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
@@ -19,9 +19,14 @@ from .base import MethodOptions, Step
 from .classical import ClassicalMethod, ClassicalOptions
 from ..errors import InputError
 
-__all__ = ["PolishOptions", "polished", "MAX_POLISH_ITERATIONS"]
+__all__ = ["PolishOptions", "polished", "MAX_POLISH_ITERATIONS", "POLISH_STEP_MM"]
 
 MAX_POLISH_ITERATIONS = 200  # beyond this the classical optimizer itself is the better choice
+# Adam's learning rate is about how far each voxel moves per iteration, so it is set in mm where the spacing is
+# known: 0.3 mm was the best single iteration on held-out 128^3 pairs (1.5 mm voxels: 0.2 voxels, the classical
+# optimizer's default; 0.1, 0.15, 0.3 voxels were worse) and on 64^3 ones (3 mm voxels: 0.1 voxels; 0.2 voxels
+# lowered RIIR's Dice after one iteration). Without a spacing (a run on bare tensors) the classical default is used
+POLISH_STEP_MM = 0.3
 
 
 @dataclass(frozen=True)
@@ -37,9 +42,11 @@ class PolishOptions(MethodOptions):
                              f"{self.polish_iterations}; for longer optimisation use the classical method")
 
 
-def polished(method, steps: Iterator[Step], fixed: torch.Tensor, moving: torch.Tensor) -> Iterator[Step]:
+def polished(method, steps: Iterator[Step], fixed: torch.Tensor, moving: torch.Tensor,
+             spacing: Sequence[float] | None = None) -> Iterator[Step]:
     """``steps`` (a network method's run) followed by its options' ``polish_iterations`` classical iterations
-    from the last step's field; the network's last step is then no longer the final one."""
+    from the last step's field; the network's last step is then no longer the final one. ``spacing`` (mm per array
+    axis) sets the step to ``POLISH_STEP_MM`` along the finest axis."""
     iterations = getattr(method.options, "polish_iterations", 0)
     if not iterations:
         yield from steps
@@ -51,8 +58,9 @@ def polished(method, steps: Iterator[Step], fixed: torch.Tensor, moving: torch.T
         yield step
     if last is None:  # a cancelled run
         return
-    optimizer = ClassicalMethod(ClassicalOptions(similarity=method.similarity, **method.similarity_kwargs),
-                                method.device)
+    learning_rate = POLISH_STEP_MM / min(spacing) if spacing else ClassicalOptions.learning_rate
+    optimizer = ClassicalMethod(ClassicalOptions(similarity=method.similarity, learning_rate=learning_rate,
+                                                 **method.similarity_kwargs), method.device)
     first = last.index + 1
     for k, step in enumerate(optimizer.run(fixed, moving, iterations, init=last.displacement), start=1):
         step.index = first + k - 1

@@ -15,7 +15,9 @@ Per method and pair, after one warm-up run (CUDA kernels, cuDNN autotuning, allo
 - the peak GPU memory of the timed runs (`torch.cuda.max_memory_allocated`);
 - Dice and TRE of the final field, so that a fast wrong answer cannot pass for a fast one;
 - each method in float32 and, where the device computes bfloat16 natively and the method offers it, again with
-  `precision=bfloat16` (the networks' convolutions in bfloat16, tensor cores on a GPU; Docs/methods.md).
+  `precision=bfloat16` (the networks' convolutions in bfloat16, tensor cores on a GPU; Docs/methods.md);
+- the methods that offer it also with `--polish` iterations of the classical optimizer on the image grid after
+  the network ('run' only; the GPU goals are for the papers' methods alone).
 """
 from __future__ import annotations
 
@@ -62,11 +64,13 @@ def network_only(method, fixed, moving, steps: int):
     return type(method).predict(method.network, fixed, moving)[-1]
 
 
-def time_method(name: str, pairs: list, device, repeats: int, precision: str = "float32") -> dict:
+def time_method(name: str, pairs: list, device, repeats: int, precision: str = "float32", polish: int = 0) -> dict:
     import torch
 
     from iterreg.methods import get_method
     options = {} if precision == "float32" else {"precision": precision}
+    if polish:
+        options["polish_iterations"] = polish
     method = get_method(name).create(device=device, ndim=3, options=options)
     run_s, network_s, dice, tre, peak_mb = [], [], [], [], []
     for sample, pair, evaluation in pairs:
@@ -93,13 +97,13 @@ def time_method(name: str, pairs: list, device, repeats: int, precision: str = "
         score = evaluation.score(result["steps"][-1].displacement.cpu())
         dice.append(score["dice_mean"])
         tre.append(score["tre_mean_mm"])
-        if name in NETWORK_IS_INFERENCE:
+        if name in NETWORK_IS_INFERENCE and not polish:
             network()  # warm-up
             network_s.append(statistics.median(_synchronised_seconds(device, network) for _ in range(repeats)))
             network_dice = evaluation.score(result["network"].cpu())["dice_mean"]
             if abs(network_dice - dice[-1]) > 0.01:  # timing something other than the method's inference
                 raise RuntimeError(f"{name}: the network alone gives Dice {network_dice:.3f}, its run {dice[-1]:.3f}")
-        print(f"{name:10s} {precision:8s} seed {sample.info['seed']}: run {run_s[-1]:.3f} s"
+        print(f"{name:10s} {precision:8s} polish {polish} seed {sample.info['seed']}: run {run_s[-1]:.3f} s"
               + (f", network {network_s[-1]:.3f} s" if network_s else "")
               + f", Dice {dice[-1]:.3f}, TRE {tre[-1]:.2f} mm", flush=True)
     return {"run": float(np.mean(run_s)), "network": float(np.mean(network_s)) if network_s else None,
@@ -117,6 +121,8 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", help="cuda (default) or cuda:N; cpu only to check the script")
     parser.add_argument("--precisions", nargs="*", default=["float32", "bfloat16"],
                         help="bfloat16 is timed only where it is native and for methods that offer it")
+    parser.add_argument("--polish", nargs="*", type=int, default=[0, 1],
+                        help="polish_iterations to time for the methods that offer it (0: the network alone)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave Docs/benchmarks.md alone")
     args = parser.parse_args()
 
@@ -142,16 +148,18 @@ def main() -> int:
     precisions = [p for p in args.precisions if p == "float32" or bfloat16_is_native(device)]
     if precisions != args.precisions:
         print(f"bfloat16 is not native on {device}: timing float32 only", flush=True)
-    offers = lambda name: "precision" in get_method(name).Options.__dataclass_fields__
-    results = {(name, p): time_method(name, pairs, device, args.repeats, p)
-               for name in methods for p in precisions if p == "float32" or offers(name)}
+    offers = lambda name, option: option in get_method(name).Options.__dataclass_fields__
+    results = {(name, p, k): time_method(name, pairs, device, args.repeats, p, k)
+               for name in methods for p in precisions if p == "float32" or offers(name, "precision")
+               for k in args.polish if k == 0 or offers(name, "polish_iterations")}
 
     rows = []
-    for (name, precision), r in results.items():
-        goal = GOALS_S.get(name)
+    for (name, precision, polish), r in results.items():
+        goal = GOALS_S.get(name) if not polish else None  # the goals are the papers' methods alone
         timed = r["network"] if r["network"] is not None else r["run"]
         verdict = "-" if goal is None else f"<= {goal:.2f} s: {'met' if timed <= goal else 'not met'}"
-        rows.append([name if precision == "float32" else f"{name} ({precision})", f"{r['dice']:.3f}", f"{r['tre']:.2f}", str(r["steps"]), f"{r['run']:.3f}",
+        label = name + (f" + polish {polish}" if polish else "") + ("" if precision == "float32" else f" ({precision})")
+        rows.append([label, f"{r['dice']:.3f}", f"{r['tre']:.2f}", str(r["steps"]), f"{r['run']:.3f}",
                      "-" if r["network"] is None else f"{r['network']:.3f}",
                      "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}", verdict])
     table = markdown_table(["method", "Dice", "TRE mm", "steps", "run s", "network s", "peak GPU MB",
@@ -168,7 +176,9 @@ def main() -> int:
         "the worker does it (every streamed step with its metrics, the field on the image grid); 'network' is "
         "the network's forward pass alone on the method's working grid (no gradients), what the papers time, "
         "for methods whose forward pass is their inference. Peak GPU memory over the timed runs. '(bfloat16)': "
-        "the same with `--option precision=bfloat16` (the networks' convolutions in bfloat16).", "",
+        "the same with `--option precision=bfloat16` (the networks' convolutions in bfloat16); '+ polish k': with "
+        "`--option polish_iterations=k` (k classical iterations on the image grid after the network; Docs/methods.md).",
+        "",
         table])
     print(f"wrote {write_section('gpu-times', body)}")
     return 0

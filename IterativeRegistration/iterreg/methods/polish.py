@@ -4,9 +4,9 @@ Instance optimisation after a learned registration, as the Learn2Reg challenges'
 network's field is the start, and the classical optimizer's finest level (``classical.py``: Adam on a dense
 correction, smoothed gradient and field) runs ``polish_iterations`` iterations of the network's own training
 loss (similarity, window) plus a diffusion term on the full image grid. Not in any of the five papers, so off by
-default. Measured on held-out 128^3 pairs (Docs/benchmarks.md, ``polish``): one iteration adds about 0.01 Dice to
-every network method, because the networks iterate on a coarser working grid or predict in one pass, and the
-image grid's fine boundaries are where their Dice is lost.
+default. Measured on held-out 128^3 pairs (Docs/benchmarks.md, ``baselines-128``, the "+ polish" rows): one
+iteration adds 0.01-0.03 Dice to every network method, because the networks iterate on a coarser working grid or
+predict in one pass, and the image grid's fine boundaries are where their Dice is lost (Docs/methods.md).
 """
 from __future__ import annotations
 

@@ -187,8 +187,8 @@ def main() -> int:
                 result, peak = run_child(["--child", method, str(pair_dir), str(Path(tmp) / f"out_{seed}_{number}")])
                 result["peak_mb"] = peak
                 results[method].append(result)
-                print(f"pair {seed} {row_label(method):24s} Dice {result['dice_mean']:.3f} TRE {result['tre_mean_mm']:.2f} mm "
-                      f"time {result['runtime_s']:.1f} s peak {peak:.0f} MB", flush=True)
+                print(f"pair {seed} {row_label(method):24s} Dice {result['dice_mean']:.3f} "
+                      f"TRE {result['tre_mean_mm']:.2f} mm time {result['runtime_s']:.1f} s peak {peak:.0f} MB", flush=True)
 
     ref = np.mean([r["runtime_s"] for r in results["elastix"]]) if "elastix" in results else None
     header = ["method", "Dice", "HD95 mm", "TRE mm", "folding %", "std log J", "steps", "CPU time / elastix",

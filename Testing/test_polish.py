@@ -80,7 +80,8 @@ def test_the_polish_lowers_the_networks_own_training_similarity():
     riir = get_method("riir").create(ndim=2, options={"polish_iterations": 5})
     fixed, moving = blobs(2)
     run = list(riir.run(fixed, moving, steps=2))
-    similarity = lambda u: float(losses.similarity_loss(riir.similarity, fixed, warp(moving, u), **riir.similarity_kwargs))
+    def similarity(u):
+        return float(losses.similarity_loss(riir.similarity, fixed, warp(moving, u), **riir.similarity_kwargs))
     assert similarity(run[-1].displacement) < similarity(run[-6].displacement)
 
 

@@ -206,7 +206,8 @@ def _run(job: Job, channel: EventChannel, control: Control, ring: Ring | None) -
     method_cls = get_method(job.method)
     from .memory_budget import check_memory
     fixed_geometry, moving_geometry = _job_geometries(job)
-    check_memory(method_cls, fixed_geometry.size, moving_geometry.size, device, job.options)  # before any array is loaded
+    # before any array is loaded
+    check_memory(method_cls, fixed_geometry.size, moving_geometry.size, device, job.options)
     pair, prompts, init = _load_inputs(job, fixed_geometry, moving_geometry)
     method = method_cls.create(job.checkpoint, device, job.options, ndim=pair.geometry.image_ndim)
     steps = method.check_inputs(pair.fixed, pair.moving, job.steps)
@@ -215,8 +216,7 @@ def _run(job: Job, channel: EventChannel, control: Control, ring: Ring | None) -
     moving_raw = torch.from_numpy(pair.moving_raw_on_fixed)[None, None].to(device)
     channel.send("started", method=method.name, title=method.title, device=str(device), threads=threads,
                  steps=method.planned_steps(steps), options=dict(method.options.__dict__), notes=pair.notes,
-                 pid=os.getpid(),
-                 setup_s=time.perf_counter() - t_start)
+                 pid=os.getpid(), setup_s=time.perf_counter() - t_start)
 
     picker = _ChannelPicker(job.channels, ring.slot_bytes if ring else 0, channel)
 

@@ -20,7 +20,8 @@ from ..errors import InputError
 from ..metrics import folding_percent
 from ..spatial import resize_displacement, resize_image, spatial_ndim, vector_length, warp
 
-__all__ = ["Step", "Prompts", "RegistrationMethod", "MethodOptions", "standard_step_metrics", "warp_later", "MonitorGrid"]
+__all__ = ["Step", "Prompts", "RegistrationMethod", "MethodOptions", "standard_step_metrics", "warp_later",
+           "MonitorGrid"]
 
 
 class _ComputedOnAccess:

@@ -13,8 +13,8 @@ from typing import Iterator
 import torch
 
 from .base import Prompts, Step
-from .polish import PolishOptions
 from .learned import LearnedIterativeMethod, NetworkOptions, WorkingGridOptions
+from .polish import PolishOptions
 from ..errors import InputError
 from ..networks.deqreg import SOLVERS, DEQRegConfig, DEQRegNetwork
 from ..spatial import vector_length
@@ -51,7 +51,7 @@ class DEQRegMethod(LearnedIterativeMethod):
 
     # --- inference --------------------------------------------------------------------------------------------
     def network_steps(self, fixed, moving, steps=None, prompts: Prompts | None = None,
-            init: torch.Tensor | None = None) -> Iterator[Step]:
+                      init: torch.Tensor | None = None) -> Iterator[Step]:
         steps = self.check_inputs(fixed, moving, steps)
         fixed, moving, grid, start = self._prepare(fixed, moving, prompts, init)
         config = self.network.config

@@ -182,7 +182,7 @@ class DIOMethod(LearnedIterativeMethod):
         return fitting
 
     def network_steps(self, fixed, moving, steps=None, prompts: Prompts | None = None,
-            init: torch.Tensor | None = None, moving_own_grid=None) -> Iterator[Step]:
+                      init: torch.Tensor | None = None, moving_own_grid=None) -> Iterator[Step]:
         """``moving_own_grid`` (:class:`iterreg.imaging.MovingOnOwnGrid`, optional): the moving image on the grid
         it was acquired on; with ``features_on_own_grid`` its features are extracted there."""
         steps = self.check_inputs(fixed, moving, steps)

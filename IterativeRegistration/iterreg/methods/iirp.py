@@ -15,8 +15,8 @@ from typing import Iterator
 import torch
 
 from .base import Prompts, Step
-from .polish import PolishOptions
 from .learned import LearnedIterativeMethod, NetworkOptions, WorkingGridOptions
+from .polish import PolishOptions
 from ..errors import InputError
 from ..metrics import global_ncc
 from ..networks.iirp import LEVELS, IIRPConfig, RPNet, iterative_inference
@@ -64,7 +64,7 @@ class IIRPMethod(LearnedIterativeMethod):
         return [self.options.max_iterations] * LEVELS, self.options.delta
 
     def network_steps(self, fixed, moving, steps=None, prompts: Prompts | None = None,
-            init: torch.Tensor | None = None) -> Iterator[Step]:
+                      init: torch.Tensor | None = None) -> Iterator[Step]:
         steps = self.check_inputs(fixed, moving, steps)
         if init is not None:
             raise InputError("iirp runs its pyramid from the identity and cannot continue from a previous field")

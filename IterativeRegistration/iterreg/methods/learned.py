@@ -16,8 +16,7 @@ from typing import ClassVar, Iterator, Sequence
 import torch
 
 from .base import MethodOptions, Prompts, RegistrationMethod, Step, standard_step_metrics, warp_later
-from .classical import ClassicalMethod
-from .polish import polished
+from .polish import polish_memory_per_voxel, polished
 from ..checkpoints import read_checkpoint
 from ..errors import InputError
 from ..networks.precision import check_precision, compute_in_precision
@@ -119,9 +118,7 @@ class NetworkMethod(RegistrationMethod):
 
     @classmethod
     def peak_memory_per_voxel(cls, options: dict | None) -> float:
-        # a polish runs the classical optimizer's finest level on the image grid after the network has finished
-        polish = int((options or {}).get("polish_iterations", 0) or 0)
-        return max(cls.memory_per_voxel, ClassicalMethod.memory_per_voxel if polish else 0)
+        return max(cls.memory_per_voxel, polish_memory_per_voxel(options))
 
     def planned_steps(self, steps: int) -> int:
         return steps + getattr(self.options, "polish_iterations", 0)

@@ -19,7 +19,7 @@ from .base import MethodOptions, Step
 from .classical import ClassicalMethod, ClassicalOptions
 from ..errors import InputError
 
-__all__ = ["PolishOptions", "polished", "MAX_POLISH_ITERATIONS", "POLISH_STEP_MM"]
+__all__ = ["PolishOptions", "polished", "polish_memory_per_voxel", "MAX_POLISH_ITERATIONS", "POLISH_STEP_MM"]
 
 MAX_POLISH_ITERATIONS = 200  # beyond this the classical optimizer itself is the better choice
 # Adam's learning rate is about how far each voxel moves per iteration, so it is set in mm where the spacing is
@@ -40,6 +40,12 @@ class PolishOptions(MethodOptions):
         if not 0 <= self.polish_iterations <= MAX_POLISH_ITERATIONS:
             raise InputError(f"polish_iterations must be 0 to {MAX_POLISH_ITERATIONS}, got "
                              f"{self.polish_iterations}; for longer optimisation use the classical method")
+
+
+def polish_memory_per_voxel(options: dict | None) -> float:
+    """Bytes per image-grid voxel a polish asked for in ``options`` needs (0 without one): the classical optimizer's
+    finest level, which runs after the network has finished, so a run's peak is the larger of the two."""
+    return ClassicalMethod.memory_per_voxel if int((options or {}).get("polish_iterations", 0) or 0) else 0.0
 
 
 def polished(method, steps: Iterator[Step], fixed: torch.Tensor, moving: torch.Tensor,

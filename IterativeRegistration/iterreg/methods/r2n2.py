@@ -90,7 +90,7 @@ class R2N2Method(LearnedIterativeMethod):
         return singles[0] if len(singles) == 1 else None
 
     def network_steps(self, fixed, moving, steps=None, prompts: Prompts | None = None,
-            init: torch.Tensor | None = None) -> Iterator[Step]:
+                      init: torch.Tensor | None = None) -> Iterator[Step]:
         if self.options.frame_axis >= 0:
             yield from self._run_series(fixed, moving, steps, prompts, init)
             return

@@ -13,8 +13,8 @@ from typing import Iterator
 import torch
 
 from .base import Prompts, Step
-from .polish import PolishOptions
 from .learned import LearnedIterativeMethod, NetworkOptions, WorkingGrid, WorkingGridOptions
+from .polish import PolishOptions
 from ..networks.riir import RIIRConfig, RIIRNetwork, detail_channels
 
 
@@ -49,7 +49,7 @@ class RIIRMethod(LearnedIterativeMethod):
 
     # --- inference --------------------------------------------------------------------------------------------
     def network_steps(self, fixed, moving, steps=None, prompts: Prompts | None = None,
-            init: torch.Tensor | None = None) -> Iterator[Step]:
+                      init: torch.Tensor | None = None) -> Iterator[Step]:
         steps = self.check_inputs(fixed, moving, steps)
         fixed, moving, grid, start = self._prepare(fixed, moving, prompts, init)
         trained = self.network.config.steps

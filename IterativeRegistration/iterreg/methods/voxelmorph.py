@@ -11,8 +11,8 @@ from typing import Iterator
 import torch
 
 from .base import Prompts, Step, standard_step_metrics
-from .polish import PolishOptions
 from .learned import NetworkMethod, NetworkOptions
+from .polish import PolishOptions
 from ..errors import InputError
 from ..networks.unet import UNet, UNetConfig, pad_to_multiple
 from ..spatial import warp
@@ -51,7 +51,7 @@ class VoxelMorphMethod(NetworkMethod):
     # --- inference --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def network_steps(self, fixed, moving, steps=None, prompts: Prompts | None = None,
-            init: torch.Tensor | None = None) -> Iterator[Step]:
+                      init: torch.Tensor | None = None) -> Iterator[Step]:
         self.check_inputs(fixed, moving, steps)
         if init is not None:  # a one-shot network cannot refine: report, do not silently ignore
             raise InputError("voxelmorph predicts in one step and cannot continue from a previous field")

@@ -30,6 +30,13 @@ OVERLAYS = ("moving image", "channel")
 REPRESENTATIONS = ("freeform", "diffeomorphic", "svf")
 
 
+def polishApplies(option_names, representation: str) -> bool:
+    """Whether a method with these options takes the polish on the image grid in this representation: the polish
+    is a free-form correction, so DIO's diffeomorphic representations go without it (the engine refuses both)."""
+    return "polish_iterations" in option_names and (
+        "representation" not in option_names or representation in ("", REPRESENTATIONS[0]))
+
+
 class IterativeRegistration(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
@@ -102,7 +109,7 @@ class IterativeRegistrationLogic(ScriptedLoadableModuleLogic):
             options["working_size"] = int(p("WorkingSize"))
         if "precision" in option_names and p("Precision") == "bfloat16":  # float32: the engine's default
             options["precision"] = p("Precision")
-        if "polish_iterations" in option_names and int(p("PolishIterations") or 0) > 0:  # 0: the network alone
+        if polishApplies(option_names, p("Representation")) and int(p("PolishIterations") or 0) > 0:  # 0: none
             options["polish_iterations"] = int(p("PolishIterations"))
         if "representation" in option_names and p("Representation"):
             options["representation"] = p("Representation")
@@ -199,6 +206,7 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
                       self.ui.checkpointComboBox, self.ui.representationComboBox, self.ui.precisionComboBox):
             combo.currentIndexChanged.connect(self.updateParameterNodeFromGUI)
         self.ui.methodComboBox.currentIndexChanged.connect(self.onMethodChanged)
+        self.ui.representationComboBox.currentIndexChanged.connect(self.updatePolishAvailability)
         self.ui.checkpointComboBox.currentIndexChanged.connect(self.onCheckpointChanged)
         self.ui.overlayComboBox.currentIndexChanged.connect(self.onOverlayChanged)
         for spin in (self.ui.stepsSpinBox, self.ui.regularizationSpinBox, self.ui.toleranceSpinBox,
@@ -384,12 +392,17 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self.ui.seriesCheckBox.enabled = self.ui.fixedFrameSpinBox.enabled = "frame_axis" in options
         self.ui.weightSearchCheckBox.enabled = "weight_search" in options
         self.ui.refineGaussianSpinBox.enabled = "refine_iterations" in options
-        self.ui.polishSpinBox.enabled = "polish_iterations" in options
+        self.updatePolishAvailability()
         for key, widget in (("regularization_weight", self.ui.regularizationSpinBox),
                             ("tolerance", self.ui.toleranceSpinBox)):
             if key in options:
                 widget.value = float(options[key])
         self.updateParameterNodeFromGUI()
+
+    def updatePolishAvailability(self, *_args):
+        name = _currentData(self.ui.methodComboBox)
+        self.ui.polishSpinBox.enabled = bool(name) and polishApplies(
+            self.logic.method_info(name)["options"], self.ui.representationComboBox.currentText)
 
     def updateRunButton(self):
         running = self.run is not None and self.run.running

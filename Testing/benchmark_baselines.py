@@ -78,8 +78,9 @@ def child_main(argv) -> None:
 
 
 # rows with an opt-in option beside the methods' defaults: the polish on the image grid (iterreg/methods/polish.py)
-POLISHED_VARIANTS = ("riir:polish_iterations=1", "riir:polish_iterations=2", "deqreg:polish_iterations=1",
-                     "iirp:polish_iterations=1", "voxelmorph:polish_iterations=1")
+POLISHED_VARIANTS = ("riir:polish_iterations=1", "riir:polish_iterations=2", "riir:polish_iterations=10",
+                     "deqreg:polish_iterations=1", "iirp:polish_iterations=1", "voxelmorph:polish_iterations=1",
+                     "dio:polish_iterations=1", "dio:polish_iterations=2")
 
 
 def parse_method_spec(spec: str) -> tuple[str, dict]:

@@ -190,8 +190,12 @@ def prompts(args) -> str:
     if args.prompt_max_radius is not None:
         options["prompt_max_radius_mm"] = args.prompt_max_radius
     method = get_method("dio").create(args.checkpoint, ndim=3, options=options)
+    # the same refinements followed by the opt-in polish on the image grid, which keeps the landmark prompts
+    polishing = get_method("dio").create(args.checkpoint, ndim=3, options={**options, "polish_iterations": args.polish})
     starts = ("no registration (identity)", "DIO result", "DIO result + regional failure")
-    results = {(start, k): [] for start in starts for k in counts}
+    polished_label = f" (refined + polish {args.polish})"
+    polished_counts = (0, 5) if args.polish else ()
+    results = {(start + variant, k): [] for start in starts for variant in ("", polished_label) for k in counts}
     correlations = []
     for p in range(args.pairs):
         seed = args.first_seed + p
@@ -205,11 +209,13 @@ def prompts(args) -> str:
         failure, centre = _regional_failure(dense, pair.geometry, seed)
         fields = {starts[0]: torch.zeros_like(dio_steps[-1].displacement), starts[1]: dio_steps[-1].displacement,
                   starts[2]: dio_steps[-1].displacement + failure}
-        for start, field in fields.items():
-            evaluation = dense if start == starts[2] else sparse
-            for k in counts:
-                if start == starts[2]:  # the clinician prompts where it is off: every other landmark within 40 mm
-                    if k > 5:           # of the failure, nearest first; the ones between them are held out
+        runs = [(start, field, method, counts) for start, field in fields.items()]
+        runs += [(start + polished_label, fields[start], polishing, polished_counts) for start in starts[1:]]
+        for start, field, refiner, run_counts in runs:
+            evaluation = dense if start.startswith(starts[2]) else sparse
+            for k in run_counts:
+                if start.startswith(starts[2]):  # the clinician prompts where it is off: every other landmark
+                    if k > 5:  # within 40 mm of the failure, nearest first; the ones between them are held out
                         continue
                     chosen, held_out = _near_failure(evaluation, centre, k)
                 else:
@@ -217,8 +223,8 @@ def prompts(args) -> str:
                 base = _held_out_score(evaluation, field, held_out)
                 prompt = None if k == 0 else Prompts(evaluation.fixed_points[chosen], evaluation.moving_points[chosen],
                                                      spacing=pair.geometry.array_spacing)
-                timed_run(method, pair, prompts=prompt, init=field)  # warm-up: first runs pay allocations
-                refined, elapsed = timed_run(method, pair, prompts=prompt, init=field)
+                timed_run(refiner, pair, prompts=prompt, init=field)  # warm-up: first runs pay allocations
+                refined, elapsed = timed_run(refiner, pair, prompts=prompt, init=field)
                 after = _held_out_score(evaluation, refined[-1].displacement, held_out)
                 results[(start, k)].append({
                     **after, "before": base["tre_held_out"], "time": elapsed, "steps": len(refined),
@@ -226,7 +232,7 @@ def prompts(args) -> str:
                     "prompted": (_tre(evaluation, field, chosen), _tre(evaluation, refined[-1].displacement, chosen))
                     if k else (float("nan"), float("nan"))})
             print(f"pair {seed}, from {start}: " + ", ".join(
-                f"{k}: {results[(start, k)][-1]['tre_held_out']:.2f}" for k in counts if results[(start, k)]),
+                f"{k}: {results[(start, k)][-1]['tre_held_out']:.2f}" for k in run_counts if results[(start, k)]),
                 flush=True)
     rows = []
     for (start, k), rs in results.items():
@@ -256,7 +262,11 @@ def prompts(args) -> str:
         "128^3 field), without the worker's start-up. 'Regional failure' (a clinician's case: one region is off): "
         "the same images with 80 landmarks, the DIO result plus a smooth local error (5 mm at one landmark, "
         "Gaussian fall-off of 25 mm, random direction); the prompts are every other landmark within 40 mm of it "
-        "(nearest first, at most 5), the landmarks between them are held out.", "",
+        "(nearest first, at most 5), the landmarks between them are held out."
+        + ("" if not args.polish else
+           f" '(refined + polish {args.polish})': the same refinement followed by {args.polish} iterations of the "
+           "opt-in polish on the 128^3 image grid (`polish_iterations`, Docs/methods.md), which keeps the landmark "
+           "prompts."), "",
         markdown_table(["start", "prompts", "held-out TRE mm (start -> refined)", "held-out TRE drop",
                         "prompted TRE mm", "Dice (change)", "folding %", "steps", "time s"], rows), "",
         "Can prompts predict the error at other landmarks? Only if the errors of nearby landmarks agree. Mean cosine "
@@ -334,6 +344,8 @@ def main() -> int:
                         "(default: DIO's)")
     parser.add_argument("--prompt-max-radius", type=float, default=None, help="prompts: let the reach adapt up "
                         "to this many mm (DIO's opt-in prompt_max_radius_mm)")
+    parser.add_argument("--polish", type=int, default=2, help="prompts: also the refinements from DIO's result "
+                        "followed by this many polish iterations (0: none)")
     parser.add_argument("--pairs-2d", type=int, default=6)
     parser.add_argument("--first-seed", type=int, default=200)
     parser.add_argument("--checkpoint", default=None, help="a 3D dio checkpoint (default: the bundled one)")

@@ -350,7 +350,7 @@ def test_the_polish_is_offered_for_the_network_methods_that_take_it_and_reaches_
     widget, scene = panel
     ui = widget.ui
     select_pair(widget, scene, sample_pair)
-    for method, offered in (("classical", False), ("r2n2", False), ("dio", False), ("voxelmorph", True),
+    for method, offered in (("classical", False), ("r2n2", False), ("dio", True), ("voxelmorph", True),
                             ("deqreg", True), ("iirp", True), ("riir", True)):
         ui.methodComboBox.currentIndex = ui.methodComboBox.findData(method)
         assert ui.polishSpinBox.enabled == offered, method
@@ -361,3 +361,12 @@ def test_the_polish_is_offered_for_the_network_methods_that_take_it_and_reaches_
     assert widget.logic.settings_from_parameters(widget._parameterNode).options["polish_iterations"] == 2
     ui.methodComboBox.currentIndex = ui.methodComboBox.findData("r2n2")  # its transform stays its Gaussians
     assert "polish_iterations" not in widget.logic.settings_from_parameters(widget._parameterNode).options
+    # DIO takes it in its free-form representation only: the polish is a free-form correction
+    ui.methodComboBox.currentIndex = ui.methodComboBox.findData("dio")
+    ui.representationComboBox.currentIndex = ui.representationComboBox.findText("freeform")
+    assert ui.polishSpinBox.enabled
+    assert widget.logic.settings_from_parameters(widget._parameterNode).options["polish_iterations"] == 2
+    ui.representationComboBox.currentIndex = ui.representationComboBox.findText("diffeomorphic")
+    assert not ui.polishSpinBox.enabled
+    options = widget.logic.settings_from_parameters(widget._parameterNode).options
+    assert options["representation"] == "diffeomorphic" and "polish_iterations" not in options

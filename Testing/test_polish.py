@@ -3,9 +3,10 @@
 Specification: without it a run is the network's alone; with k iterations the run is the network's steps and then
 k steps of the classical optimizer's finest level on the image grid, started from the network's last field, with
 indices that continue, phases that say so, and only the very last step final; the polish optimises the network's
-own training similarity and lowers it; it is offered by RIIR, DEQReg, IIRP-Net and VoxelMorph, refused by R2N2
-and DIO (unknown option), refused out of range with the limit named, counted in the pre-flight memory check, and
-chosen in the CLI as any other option.
+own training similarity and lowers it; landmark prompts carry into it, so the prompted points stay where the
+network's prompted run put them; it is offered by RIIR, DEQReg, IIRP-Net, VoxelMorph and DIO (free-form only: the
+polish is a free-form correction), refused by R2N2 (unknown option), refused out of range with the limit named,
+counted in the pre-flight memory check, and chosen in the CLI as any other option.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from iterreg.methods.polish import MAX_POLISH_ITERATIONS, POLISH_STEP_MM
 from iterreg.spatial import warp
 
 # (method, dimension of its bundled checkpoint used here (VoxelMorph has a 3D one only), the fewest steps it runs)
-POLISHED_METHODS = [("voxelmorph", 3, 1), ("riir", 2, 2), ("deqreg", 2, 2), ("iirp", 2, 4)]
+POLISHED_METHODS = [("voxelmorph", 3, 1), ("riir", 2, 2), ("deqreg", 2, 2), ("iirp", 2, 4), ("dio", 2, 6)]
 
 
 def blobs(ndim: int):
@@ -85,11 +86,40 @@ def test_the_polish_lowers_the_networks_own_training_similarity():
     assert similarity(run[-1].displacement) < similarity(run[-6].displacement)
 
 
-@pytest.mark.parametrize("method", ["r2n2", "dio"])
-def test_r2n2_and_dio_do_not_offer_it(method):
-    # R2N2's transform is its sum of Gaussians; DIO optimises already and refines with prompts the polish would ignore
+def test_r2n2_does_not_offer_it():
+    # R2N2's transform is its sum of Gaussians: a dense correction would leave its representation
     with pytest.raises(InputError, match="unknown option.*polish_iterations"):
-        get_method(method).create(ndim=2, options={"polish_iterations": 1})
+        get_method("r2n2").create(ndim=2, options={"polish_iterations": 1})
+
+
+@pytest.mark.parametrize("representation", ["diffeomorphic", "svf"])
+def test_dio_polishes_only_its_free_form_representation(representation):
+    # a free-form correction on top would void the diffeomorphic guarantee the user chose
+    with pytest.raises(InputError, match=f"polish_iterations needs representation 'freeform'.*'{representation}'"):
+        get_method("dio").create(ndim=2, options={"polish_iterations": 1, "representation": representation})
+    get_method("dio").create(ndim=2, options={"polish_iterations": 0, "representation": representation})
+
+
+def test_landmark_prompts_hold_the_prompted_points_during_the_polish():
+    from iterreg.methods.base import Prompts
+    from iterreg.methods.polish import polished
+
+    fixed, moving = blobs(2)
+    # a prompt the images disagree with (the blob's edge pulled 3 pixels off): DIO's prompted run follows it, and a
+    # polish by the image term alone would pull the point back towards where the intensities match
+    prompts = Prompts(fixed_points=torch.tensor([[32.0, 20.0]]), moving_points=torch.tensor([[35.0, 23.0]]),
+                      spacing=(1.0, 1.0))
+    dio = get_method("dio").create(ndim=2, options={"polish_iterations": 15})
+    distances = {}
+    for name, kept in (("kept", prompts), ("dropped", None)):
+        steps = get_method("dio").create(ndim=2).run(fixed, moving, steps=60, prompts=prompts)
+        run = list(polished(dio, steps, fixed, moving, None, kept))
+        distances[name] = float(losses.landmark_distance(run[-1].displacement, prompts.fixed_points,
+                                                         prompts.moving_points, prompts.spacing))
+        distances["network"] = float(losses.landmark_distance(run[-16].displacement, prompts.fixed_points,
+                                                              prompts.moving_points, prompts.spacing))
+    assert distances["kept"] <= distances["network"] + 0.05
+    assert distances["kept"] < distances["dropped"] - 0.1
 
 
 @pytest.mark.parametrize("value", [-1, MAX_POLISH_ITERATIONS + 1])

@@ -14,7 +14,8 @@ Options chosen per run, on the same checkpoint (paper §4.4): ``representation``
 refinement) optimises a correction on top of it at ``refine_scales`` only, so prompts refine the previous
 result instead of starting again. ``features_on_own_grid``: a moving image acquired on another grid (size,
 spacing, orientation) gets its features on that grid, carried onto the fixed grid in physical space, instead of
-from its copy resampled onto the fixed grid.
+from its copy resampled onto the fixed grid. ``polish_iterations`` (opt-in, free-form only): the classical optimizer's
+iterations on the image grid after the optimization layer, keeping the landmark prompts (polish.py).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import torch
 
 from .base import Prompts, Step, standard_step_metrics, warp_later
 from .learned import LearnedIterativeMethod, NetworkOptions, WorkingGrid, WorkingGridOptions, working_shape
+from .polish import PolishOptions
 from ..errors import InputError
 from ..feature_optimizer import FieldPrompts, SolverSettings, combine, differentiable_steps, \
     optimise, to_displacement
@@ -40,7 +42,7 @@ OWN_GRID_VOXELS = ("working", "acquired")  # see DIOOptions.own_grid_voxels
 
 
 @dataclass(frozen=True)
-class DIOOptions(WorkingGridOptions, NetworkOptions):
+class DIOOptions(WorkingGridOptions, PolishOptions, NetworkOptions):
     representation: str = "freeform"  # freeform | diffeomorphic | svf
     iterations: tuple = (200, 100, 50)  # per scale, coarse to fine (paper / public code)
     learning_rate: float = 1.0  # largest update per iteration, half voxels of the scale
@@ -86,6 +88,10 @@ class DIOOptions(WorkingGridOptions, NetworkOptions):
                              f"prompt_radius_mm ({self.prompt_radius_mm:g}); leave it unset for a fixed reach")
         if not self.refine_scales:
             raise InputError("refine_scales needs at least one feature scale")
+        if self.polish_iterations and self.representation != "freeform":
+            # the polish optimises a free-form correction, which would void the diffeomorphic guarantee
+            raise InputError(f"polish_iterations needs representation 'freeform' (the polish is a free-form "
+                             f"correction); with '{self.representation}' set polish_iterations to 0")
         if self.own_grid_voxels not in OWN_GRID_VOXELS:
             raise InputError(f"own_grid_voxels must be {' or '.join(map(repr, OWN_GRID_VOXELS))}, "
                              f"got {self.own_grid_voxels!r}")

@@ -127,7 +127,7 @@ class NetworkMethod(RegistrationMethod):
             spacing: Sequence[float] | None = None, **inputs) -> Iterator[Step]:
         """``spacing``: mm per array axis of the fixed grid, for the polish's step in mm (``run_pair`` gives it)."""
         return polished(self, self.network_steps(fixed, moving, steps, prompts, init, **inputs), fixed, moving,
-                        spacing)
+                        spacing, prompts)
 
     def pair_inputs(self, pair) -> dict:
         return {**super().pair_inputs(pair), "spacing": pair.geometry.array_spacing}

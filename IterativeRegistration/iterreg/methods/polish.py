@@ -3,10 +3,12 @@
 Instance optimisation after a learned registration, as the Learn2Reg challenges' leading entries do it: the
 network's field is the start, and the classical optimizer's finest level (``classical.py``: Adam on a dense
 correction, smoothed gradient and field) runs ``polish_iterations`` iterations of the network's own training
-loss (similarity, window) plus a diffusion term on the full image grid. Not in any of the five papers, so off by
-default. Measured on held-out 128^3 pairs (Docs/benchmarks.md, ``baselines-128``, the "+ polish" rows): one
-iteration adds 0.01-0.03 Dice to every network method, because the networks iterate on a coarser working grid or
-predict in one pass, and the image grid's fine boundaries are where their Dice is lost (Docs/methods.md).
+loss (similarity, window) plus a diffusion term on the full image grid; landmark prompts carry into it (the
+classical optimizer's landmark term), so a polished refinement keeps the points a clinician placed. Not in any
+of the five papers, so off by default. Measured on held-out 128^3 pairs (Docs/benchmarks.md, ``baselines-128``,
+the "+ polish" rows): one iteration adds 0.01-0.03 Dice to every network method, because the networks iterate on
+a coarser working grid or predict in one pass (DIO: optimise on feature images at half resolution), and the
+image grid's fine boundaries are where their Dice is lost (Docs/methods.md).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .base import MethodOptions, Step
+from .base import MethodOptions, Prompts, Step
 from .classical import ClassicalMethod, ClassicalOptions
 from ..errors import InputError
 
@@ -49,10 +51,11 @@ def polish_memory_per_voxel(options: dict | None) -> float:
 
 
 def polished(method, steps: Iterator[Step], fixed: torch.Tensor, moving: torch.Tensor,
-             spacing: Sequence[float] | None = None) -> Iterator[Step]:
+             spacing: Sequence[float] | None = None, prompts: Prompts | None = None) -> Iterator[Step]:
     """``steps`` (a network method's run) followed by its options' ``polish_iterations`` classical iterations
     from the last step's field; the network's last step is then no longer the final one. ``spacing`` (mm per array
-    axis) sets the step to ``POLISH_STEP_MM`` along the finest axis."""
+    axis) sets the step to ``POLISH_STEP_MM`` along the finest axis. ``prompts``: the run's landmark prompts, which
+    the polish keeps (label prompts are the network's alone: the classical optimizer has no label term)."""
     iterations = getattr(method.options, "polish_iterations", 0)
     if not iterations:
         yield from steps
@@ -68,7 +71,9 @@ def polished(method, steps: Iterator[Step], fixed: torch.Tensor, moving: torch.T
     optimizer = ClassicalMethod(ClassicalOptions(similarity=method.similarity, learning_rate=learning_rate,
                                                  **method.similarity_kwargs), method.device)
     first = last.index + 1
-    for k, step in enumerate(optimizer.run(fixed, moving, iterations, init=last.displacement), start=1):
+    landmarks = prompts if prompts is not None and prompts.fixed_points is not None else None
+    for k, step in enumerate(optimizer.run(fixed, moving, iterations, prompts=landmarks, init=last.displacement),
+                             start=1):
         step.index = first + k - 1
         step.phase = f"polish on the image grid, iteration {k}/{iterations}"
         step.metrics["polish_iteration"] = k

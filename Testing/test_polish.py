@@ -4,9 +4,10 @@ Specification: without it a run is the network's alone; with k iterations the ru
 k steps of the classical optimizer's finest level on the image grid, started from the network's last field, with
 indices that continue, phases that say so, and only the very last step final; the polish optimises the network's
 own training similarity and lowers it; landmark prompts carry into it, so the prompted points stay where the
-network's prompted run put them; it is offered by RIIR, DEQReg, IIRP-Net, VoxelMorph and DIO (free-form only: the
-polish is a free-form correction), refused by R2N2 (unknown option), refused out of range with the limit named,
-counted in the pre-flight memory check, and chosen in the CLI as any other option.
+network's prompted run put them (a DIO refinement with landmarks through the real worker ends with the polish); it
+is offered by RIIR, DEQReg, IIRP-Net, VoxelMorph and DIO (free-form only: the polish is a free-form correction),
+refused by R2N2 (unknown option), refused out of range with the limit named, counted in the pre-flight memory
+check, and chosen in the CLI as any other option.
 """
 from __future__ import annotations
 
@@ -172,3 +173,39 @@ def test_the_real_worker_streams_the_polish_and_announces_it_in_the_step_count(s
     assert [s.index for s in steps] == list(range(5))
     assert [s.final for s in steps] == [False] * 4 + [True]
     assert "polish" in client.history[-1]["phase"] and "polish" not in client.history[2]["phase"]
+
+
+def test_a_dio_refinement_with_landmarks_ends_with_the_polish_in_the_real_worker(sample_pair, leak_check):
+    import SimpleITK as sitk
+
+    from iterreg.geometry import Geometry
+    from iterreg.spatial import sample_displacement_at
+    from iterreg.worker_client import RunRequest, WorkerClient
+
+    def run(**kwargs):
+        request = RunRequest("dio", sitk.GetArrayFromImage(sample_pair.fixed), Geometry.of(sample_pair.fixed).to_dict(),
+                             sitk.GetArrayFromImage(sample_pair.moving), Geometry.of(sample_pair.moving).to_dict(),
+                             threads=2, **kwargs)
+        steps = []
+        client = WorkerClient(request, on_step=steps.append)
+        leak_check(client)
+        client.start()
+        client.wait(timeout=180)
+        assert client.state == "completed", client.failure
+        return client, steps
+
+    def prompted_error_mm(displacement):
+        geometry = Geometry.of(sample_pair.fixed)
+        points = torch.tensor(geometry.ras_to_array_index(sample_pair.fixed_landmarks_ras[:5]), dtype=torch.float32)
+        mapped = points + sample_displacement_at(torch.from_numpy(displacement)[None], points)
+        ras = geometry.array_index_to_ras(mapped.numpy())
+        return float(((ras - sample_pair.moving_landmarks_ras[:5]) ** 2).sum(1).mean() ** 0.5)
+
+    first, _ = run()
+    start = first.result.displacement
+    refined, steps = run(init_displacement=start, options={"polish_iterations": 2},
+                         fixed_landmarks_ras=sample_pair.fixed_landmarks_ras[:5],
+                         moving_landmarks_ras=sample_pair.moving_landmarks_ras[:5])
+    assert [h["phase"] for h in refined.history[-2:]] == [f"polish on the image grid, iteration {k}/2" for k in (1, 2)]
+    assert steps[-1].final and not any(s.final for s in steps[:-1])
+    assert prompted_error_mm(refined.result.displacement) < 0.5 * prompted_error_mm(start)

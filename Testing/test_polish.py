@@ -154,21 +154,26 @@ def test_the_cli_polishes_riir_on_the_bundled_pair_and_dice_rises(sample_dir, tm
     assert polished["evaluation"]["after"]["dice_mean"] > plain["evaluation"]["after"]["dice_mean"]
 
 
-def test_the_real_worker_streams_the_polish_and_announces_it_in_the_step_count(sample_pair, leak_check):
+def run_in_worker(pair, leak_check, method: str, **request):
+    """One run of ``method`` on ``pair`` through the real worker process; it must complete."""
     import SimpleITK as sitk
 
     from iterreg.geometry import Geometry
     from iterreg.worker_client import RunRequest, WorkerClient
 
-    request = RunRequest("riir", sitk.GetArrayFromImage(sample_pair.fixed), Geometry.of(sample_pair.fixed).to_dict(),
-                         sitk.GetArrayFromImage(sample_pair.moving), Geometry.of(sample_pair.moving).to_dict(),
-                         steps=3, threads=2, options={"polish_iterations": 2})
     steps = []
-    client = WorkerClient(request, on_step=steps.append)
+    client = WorkerClient(RunRequest(method, sitk.GetArrayFromImage(pair.fixed), Geometry.of(pair.fixed).to_dict(),
+                                     sitk.GetArrayFromImage(pair.moving), Geometry.of(pair.moving).to_dict(),
+                                     threads=2, **request), on_step=steps.append)
     leak_check(client)
     client.start()
-    client.wait(timeout=120)
+    client.wait(timeout=180)
     assert client.state == "completed", client.failure
+    return client, steps
+
+
+def test_the_real_worker_streams_the_polish_and_announces_it_in_the_step_count(sample_pair, leak_check):
+    client, steps = run_in_worker(sample_pair, leak_check, "riir", steps=3, options={"polish_iterations": 2})
     assert client.info["steps"] == 5  # the panel's "step k/N"
     assert [s.index for s in steps] == list(range(5))
     assert [s.final for s in steps] == [False] * 4 + [True]
@@ -176,23 +181,8 @@ def test_the_real_worker_streams_the_polish_and_announces_it_in_the_step_count(s
 
 
 def test_a_dio_refinement_with_landmarks_ends_with_the_polish_in_the_real_worker(sample_pair, leak_check):
-    import SimpleITK as sitk
-
     from iterreg.geometry import Geometry
     from iterreg.spatial import sample_displacement_at
-    from iterreg.worker_client import RunRequest, WorkerClient
-
-    def run(**kwargs):
-        request = RunRequest("dio", sitk.GetArrayFromImage(sample_pair.fixed), Geometry.of(sample_pair.fixed).to_dict(),
-                             sitk.GetArrayFromImage(sample_pair.moving), Geometry.of(sample_pair.moving).to_dict(),
-                             threads=2, **kwargs)
-        steps = []
-        client = WorkerClient(request, on_step=steps.append)
-        leak_check(client)
-        client.start()
-        client.wait(timeout=180)
-        assert client.state == "completed", client.failure
-        return client, steps
 
     def prompted_error_mm(displacement):
         geometry = Geometry.of(sample_pair.fixed)
@@ -201,11 +191,12 @@ def test_a_dio_refinement_with_landmarks_ends_with_the_polish_in_the_real_worker
         ras = geometry.array_index_to_ras(mapped.numpy())
         return float(((ras - sample_pair.moving_landmarks_ras[:5]) ** 2).sum(1).mean() ** 0.5)
 
-    first, _ = run()
+    first, _ = run_in_worker(sample_pair, leak_check, "dio")
     start = first.result.displacement
-    refined, steps = run(init_displacement=start, options={"polish_iterations": 2},
-                         fixed_landmarks_ras=sample_pair.fixed_landmarks_ras[:5],
-                         moving_landmarks_ras=sample_pair.moving_landmarks_ras[:5])
+    refined, steps = run_in_worker(sample_pair, leak_check, "dio", init_displacement=start,
+                                   options={"polish_iterations": 2},
+                                   fixed_landmarks_ras=sample_pair.fixed_landmarks_ras[:5],
+                                   moving_landmarks_ras=sample_pair.moving_landmarks_ras[:5])
     assert [h["phase"] for h in refined.history[-2:]] == [f"polish on the image grid, iteration {k}/2" for k in (1, 2)]
     assert steps[-1].final and not any(s.final for s in steps[:-1])
     assert prompted_error_mm(refined.result.displacement) < 0.5 * prompted_error_mm(start)

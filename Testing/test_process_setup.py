@@ -47,7 +47,8 @@ def faults_per_step(mode: str, **env) -> float:
 @glibc_only
 def test_a_prepared_process_reuses_freed_tensor_memory_instead_of_faulting_it_in_again():
     assert faults_per_step("default") > 5_000  # 16 MB is 4,096 pages of 4 KiB, faulted in again every step
-    assert faults_per_step("prepared") < 100
+    # usually 0-1; up to ~800 on a VM whose kernel reclaims idle pages itself (DAMON), still a tenth of 'default'
+    assert faults_per_step("prepared") < 2_000
     assert faults_per_step("prepared", ITERREG_CPU_ALLOCATOR="default") > 5_000  # the opt-out
 
 

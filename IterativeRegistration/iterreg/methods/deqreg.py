@@ -8,7 +8,7 @@ whichever comes first; ``steps`` may exceed the iterations it was trained with (
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
@@ -51,9 +51,9 @@ class DEQRegMethod(LearnedIterativeMethod):
 
     # --- inference --------------------------------------------------------------------------------------------
     def network_steps(self, fixed, moving, steps=None, prompts: Prompts | None = None,
-                      init: torch.Tensor | None = None) -> Iterator[Step]:
+                      init: torch.Tensor | None = None, spacing: Sequence[float] | None = None) -> Iterator[Step]:
         steps = self.check_inputs(fixed, moving, steps)
-        fixed, moving, grid, start = self._prepare(fixed, moving, prompts, init)
+        fixed, moving, grid, start = self._prepare(fixed, moving, prompts, init, spacing)
         config = self.network.config
         tolerance = self.options.tolerance
         previous = start

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, replace
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
@@ -188,13 +188,13 @@ class DIOMethod(LearnedIterativeMethod):
         return fitting
 
     def network_steps(self, fixed, moving, steps=None, prompts: Prompts | None = None,
-                      init: torch.Tensor | None = None, moving_own_grid=None) -> Iterator[Step]:
+                      init: torch.Tensor | None = None, spacing: Sequence[float] | None = None,
+                      moving_own_grid=None) -> Iterator[Step]:
         """``moving_own_grid`` (:class:`iterreg.imaging.MovingOnOwnGrid`, optional): the moving image on the grid
         it was acquired on; with ``features_on_own_grid`` its features are extracted there."""
         steps = self.check_inputs(fixed, moving, steps)
         fixed, moving = fixed.to(self.device), moving.to(self.device)
-        grid = WorkingGrid.for_images(fixed, self.network.config.working_scale,
-                                      self.options.working_size or self.trained_working_size)
+        grid = self._working_grid(fixed, spacing)
         all_scales = list(self.network.config.scales)
         scales = all_scales
         base_image = base = None

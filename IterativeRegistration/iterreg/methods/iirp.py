@@ -10,7 +10,7 @@ the level's resolution) and ``warped_features`` (the moving features the estimat
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
@@ -64,11 +64,11 @@ class IIRPMethod(LearnedIterativeMethod):
         return [self.options.max_iterations] * LEVELS, self.options.delta
 
     def network_steps(self, fixed, moving, steps=None, prompts: Prompts | None = None,
-                      init: torch.Tensor | None = None) -> Iterator[Step]:
+                      init: torch.Tensor | None = None, spacing: Sequence[float] | None = None) -> Iterator[Step]:
         steps = self.check_inputs(fixed, moving, steps)
         if init is not None:
             raise InputError("iirp runs its pyramid from the identity and cannot continue from a previous field")
-        fixed, moving, grid, _ = self._prepare(fixed, moving, prompts, None)
+        fixed, moving, grid, _ = self._prepare(fixed, moving, prompts, None, spacing)
         fixed_w, moving_w = grid.image_down(fixed), grid.image_down(moving)
         limits, delta = self._level_limits()
         if delta is None and sum(limits) > steps:

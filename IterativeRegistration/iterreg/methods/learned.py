@@ -4,6 +4,9 @@ The working grid is where a network iterates. On a GPU it is the image grid; on 
 full-resolution 3D U-Net step costs seconds (DESIGN.md §8), so a network may be trained and run on a coarser
 grid (``working_scale`` of the training grid, or a ``working_size`` chosen at inference) while every loss,
 metric and result is computed on the full grid with the displacement upsampled, as IIRP-Net and LapIRN do.
+Where the image's spacing is known, the working grid's voxels are cubes in mm whatever the image's voxels are: a
+network's kernels count voxels, and ours learned on isotropic grids, so a thick-slice scan is brought to the
+anatomy's proportions it learned (Docs/methods.md, "Working grid").
 """
 from __future__ import annotations
 
@@ -40,10 +43,21 @@ def load_network(method_cls, path: str | Path) -> tuple[torch.nn.Module, dict]:
     return network, metadata
 
 
-def working_shape(shape: Sequence[int], scale: float = 1.0, size: int = 0) -> tuple[int, ...]:
-    """The working grid for an image grid ``shape``: ``size`` > 0 sets its longest side (aspect kept);
-    otherwise every side is scaled by ``scale``. Never finer than the image, never below 8 voxels."""
+WORKING_VOXELS = ("isotropic", "image")
+
+
+def working_shape(shape: Sequence[int], scale: float = 1.0, size: int = 0,
+                  spacing: Sequence[float] | None = None) -> tuple[int, ...]:
+    """The working grid for an image grid ``shape``: ``size`` > 0 sets its longest side; otherwise every side is
+    scaled by ``scale``. Never below 8 voxels. With ``spacing`` (mm per array axis) and a ``size``, the voxels are
+    cubes in mm: the longest side in mm gets ``size`` voxels, the others as many as their extent holds, so a
+    thick-slice axis may get more voxels than the image has (never voxels finer than the image's finest).
+    Without ``spacing`` the image's voxel aspect is kept and no side is finer than the image."""
     shape = tuple(int(n) for n in shape)
+    if size > 0 and spacing is not None:
+        extents = [n * float(s) for n, s in zip(shape, spacing)]  # fields of view: for equal spacings the rule
+        voxel_mm = max(max(extents) / size, min(float(s) for s in spacing))  # below gives the aspect rule's grid
+        return tuple(max(8, round(e / voxel_mm)) for e in extents)
     factor = size / max(shape) if size > 0 else scale
     return tuple(min(n, max(8, round(n * factor))) for n in shape)
 
@@ -55,9 +69,10 @@ class WorkingGrid:
     shape: tuple[int, ...]
 
     @classmethod
-    def for_images(cls, image: torch.Tensor, scale: float = 1.0, size: int = 0) -> "WorkingGrid":
+    def for_images(cls, image: torch.Tensor, scale: float = 1.0, size: int = 0,
+                   spacing: Sequence[float] | None = None) -> "WorkingGrid":
         image_shape = tuple(image.shape[2:])
-        return cls(image_shape, working_shape(image_shape, scale, size))
+        return cls(image_shape, working_shape(image_shape, scale, size, spacing))
 
     @property
     def is_identity(self) -> bool:
@@ -89,11 +104,21 @@ class NetworkOptions(MethodOptions):
 @dataclass(frozen=True)
 class WorkingGridOptions(MethodOptions):
     working_size: int = 0  # longest side of the network's grid; 0: the size it was trained at
+    # isotropic: the network's grid has cubic voxels in mm (a thick-slice scan is seen in the proportions the
+    # network learned); image: it keeps the image's voxel aspect (the behaviour before session 36, for a checkpoint
+    # trained on anisotropic grids). Measured on thick slices: Docs/benchmarks.md, 'thick-slices'
+    working_voxels: str = "isotropic"
 
     def check(self) -> None:
         super().check()  # cooperative: a method's options may combine this with NetworkOptions
         if self.working_size < 0 or 0 < self.working_size < 8:
             raise InputError(f"working_size must be 0 (the checkpoint's scale) or >= 8, got {self.working_size}")
+        if self.working_voxels not in WORKING_VOXELS:
+            raise InputError(f"working_voxels must be one of {list(WORKING_VOXELS)}, got '{self.working_voxels}'")
+
+    def grid_spacing(self, spacing: Sequence[float] | None) -> Sequence[float] | None:
+        """The spacing the working grid is chosen from: the image's, unless the image's voxel aspect is asked for."""
+        return spacing if self.working_voxels == "isotropic" else None
 
 
 class NetworkMethod(RegistrationMethod):
@@ -125,17 +150,19 @@ class NetworkMethod(RegistrationMethod):
 
     def run(self, fixed, moving, steps=None, prompts: Prompts | None = None, init: torch.Tensor | None = None,
             spacing: Sequence[float] | None = None, **inputs) -> Iterator[Step]:
-        """``spacing``: mm per array axis of the fixed grid, for the polish's step in mm (``run_pair`` gives it)."""
-        return polished(self, self.network_steps(fixed, moving, steps, prompts, init, **inputs), fixed, moving,
-                        spacing, prompts)
+        """``spacing``: mm per array axis of the fixed grid (``run_pair`` gives it), for the working grid's voxel
+        shape and the polish's step in mm; without it (bare tensors) voxels count as cubes."""
+        return polished(self, self.network_steps(fixed, moving, steps, prompts, init, spacing=spacing, **inputs),
+                        fixed, moving, spacing, prompts)
 
     def pair_inputs(self, pair) -> dict:
         return {**super().pair_inputs(pair), "spacing": pair.geometry.array_spacing}
 
     @abstractmethod
     def network_steps(self, fixed, moving, steps=None, prompts: Prompts | None = None,
-                      init: torch.Tensor | None = None) -> Iterator[Step]:
-        """The network's own steps, as :meth:`RegistrationMethod.run` describes them."""
+                      init: torch.Tensor | None = None, spacing: Sequence[float] | None = None) -> Iterator[Step]:
+        """The network's own steps, as :meth:`RegistrationMethod.run` describes them (``spacing``: mm per array
+        axis, or None)."""
 
     def check_inputs(self, fixed, moving, steps):
         steps = super().check_inputs(fixed, moving, steps)
@@ -191,13 +218,12 @@ class LearnedIterativeMethod(NetworkMethod):
         shape = self.metadata.get("preprocessing", {}).get("training_shape")
         return round(max(shape) * self.network.config.working_scale) if shape else 0
 
-    def _prepare(self, fixed, moving, prompts, init):
+    def _prepare(self, fixed, moving, prompts, init, spacing=None):
         if prompts is not None:
             raise InputError(f"{self.name} cannot use landmark prompts; register without prompts, or use a method "
                              "that takes them (classical)")
         fixed, moving = fixed.to(self.device), moving.to(self.device)
-        grid = WorkingGrid.for_images(fixed, self.network.config.working_scale,
-                                      self.options.working_size or self.trained_working_size)
+        grid = self._working_grid(fixed, spacing)
         start = None
         if init is not None:
             if tuple(init.shape) != (1, spatial_ndim(fixed), *fixed.shape[2:]):
@@ -205,6 +231,11 @@ class LearnedIterativeMethod(NetworkMethod):
                                  f"{', '.join(map(str, fixed.shape[2:]))}], got {list(init.shape)}")
             start = grid.displacement_down(init.to(self.device, torch.float32))
         return fixed, moving, grid, start
+
+    def _working_grid(self, fixed: torch.Tensor, spacing: Sequence[float] | None) -> WorkingGrid:
+        return WorkingGrid.for_images(fixed, self.network.config.working_scale,
+                                      self.options.working_size or self.trained_working_size,
+                                      self.options.grid_spacing(spacing))
 
     def _step(self, index, fixed_w, moving_w, moving, grid, working_u, previous_u, channels, phase, final,
               extra=None, displacement=None):

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
 from .base import Prompts, Step, standard_step_metrics
-from .learned import LearnedIterativeMethod, WorkingGrid, WorkingGridOptions
+from .learned import LearnedIterativeMethod, WorkingGridOptions
 from ..errors import InputError
 from ..networks.r2n2 import R2N2Config, R2N2Network, gaussian_displacement
 from ..spatial import normalised_to_voxels, spatial_ndim, vector_length, warp
@@ -52,6 +52,9 @@ class R2N2Options(WorkingGridOptions):
         if not 0 <= self.refine_iterations <= 1000:
             raise InputError(f"refine_iterations must be 0 (off) to 1000 Adam steps per Gaussian, got "
                              f"{self.refine_iterations}; 10 is a good start")
+
+
+DEEPEST_STRIDE = 16  # the network's coarsest level keeps every 16th working-grid voxel (networks/r2n2.py)
 
 
 class R2N2Method(LearnedIterativeMethod):
@@ -82,6 +85,16 @@ class R2N2Method(LearnedIterativeMethod):
             fixed, moving = (t.squeeze(2 + self._single_slice_axis(fixed)) for t in (fixed, moving))
         return super().check_inputs(fixed, moving, steps)
 
+    def _working_grid(self, fixed, spacing):
+        grid = super()._working_grid(fixed, spacing)
+        # the stem and three recurrent units each halve the grid: a deepest level of one voxel has no instance
+        # norm statistics and no place to find, so refuse it here rather than fail deep inside the network
+        if math.prod(-(-n // DEEPEST_STRIDE) for n in grid.shape) < 2:
+            raise InputError(f"the working grid {'x'.join(map(str, grid.shape))} is too small for r2n2 (its "
+                             f"deepest level is 1/{DEEPEST_STRIDE}); set working_size to at least "
+                             f"{2 * DEEPEST_STRIDE}, or 0 for the checkpoint's own grid")
+        return grid
+
     def _single_slice_axis(self, image: torch.Tensor) -> int | None:
         """The size-1 axis of a single-slice 3D volume when this checkpoint is 2D, else None."""
         if spatial_ndim(image) != 3 or self.network.config.ndim != 2:
@@ -90,19 +103,19 @@ class R2N2Method(LearnedIterativeMethod):
         return singles[0] if len(singles) == 1 else None
 
     def network_steps(self, fixed, moving, steps=None, prompts: Prompts | None = None,
-                      init: torch.Tensor | None = None) -> Iterator[Step]:
+                      init: torch.Tensor | None = None, spacing: Sequence[float] | None = None) -> Iterator[Step]:
         if self.options.frame_axis >= 0:
-            yield from self._run_series(fixed, moving, steps, prompts, init)
+            yield from self._run_series(fixed, moving, steps, prompts, init, spacing)
             return
         steps = self.check_inputs(fixed, moving, steps)
         axis = self._single_slice_axis(fixed)
         if axis is None:
-            yield from self._run(fixed, moving, steps, prompts, init)
+            yield from self._run(fixed, moving, steps, prompts, init, spacing)
             return
         # a single-slice volume: register the slice, then give the field back its third (zero) component
         drop = lambda t: None if t is None else t.squeeze(2 + axis)  # noqa: E731
         init2d = None if init is None else drop(init[:, [c for c in range(3) if c != axis]])
-        for step in self._run(drop(fixed), drop(moving), steps, prompts, init2d):
+        for step in self._run(drop(fixed), drop(moving), steps, prompts, init2d, _without_axis(spacing, axis)):
             u = step.displacement.unsqueeze(2 + axis)
             u = torch.cat([u[:, :axis], torch.zeros_like(u[:, :1]), u[:, axis:]], dim=1)
             channels = {name: c.unsqueeze(1 + axis) for name, c in step.channels.items()}  # maps of the volume
@@ -115,7 +128,7 @@ class R2N2Method(LearnedIterativeMethod):
                                     weight_search=self.options.weight_search or None,  # None: as trained
                                     refine_iterations=self.options.refine_iterations)
 
-    def _run_series(self, fixed, moving, steps, prompts, init):
+    def _run_series(self, fixed, moving, steps, prompts, init, spacing=None):
         steps = self.check_inputs(fixed, moving, steps)
         if prompts is not None or init is not None:
             raise InputError("series registration starts from the identity and takes no prompts")
@@ -127,8 +140,7 @@ class R2N2Method(LearnedIterativeMethod):
         moving_frames = moving_frames.to(self.device)
         as_volume = lambda t: t.movedim(0, 1 + axis).unsqueeze(0)  # noqa: E731  [F, C, *frame] -> [1, C, *volume]
         in_plane = [a for a in range(3) if a != axis]
-        grid = WorkingGrid.for_images(fixed_frames, self.network.config.working_scale,
-                                      self.options.working_size or self.trained_working_size)
+        grid = self._working_grid(fixed_frames, _without_axis(spacing, axis))
         fixed_w, moving_w = grid.image_down(fixed_frames), grid.image_down(moving_frames)
         previous = None
         total = None
@@ -148,8 +160,8 @@ class R2N2Method(LearnedIterativeMethod):
                            t == steps - 1)
                 previous = state.displacement
 
-    def _run(self, fixed, moving, steps, prompts, init):
-        fixed, moving, grid, start = self._prepare(fixed, moving, prompts, init)
+    def _run(self, fixed, moving, steps, prompts, init, spacing=None):
+        fixed, moving, grid, start = self._prepare(fixed, moving, prompts, init, spacing)
         fixed_w, moving_w = grid.image_down(fixed), grid.image_down(moving)
         nd = spatial_ndim(fixed)
         displacement = init.to(self.device, torch.float32) if init is not None else None
@@ -189,3 +201,8 @@ def _metrics_in_3d(metrics: dict, axis: int) -> dict:
         for k, a in enumerate(slice_axes):
             out[f"{name}_{a}"] = metrics[f"{name}_{k}"]
     return out
+
+
+def _without_axis(spacing: Sequence[float] | None, axis: int) -> tuple[float, ...] | None:
+    """A volume's spacing for its slices or frames: the mm of every array axis but ``axis``."""
+    return None if spacing is None else tuple(s for a, s in enumerate(spacing) if a != axis)

@@ -8,7 +8,7 @@ and field simply continue (the DEQReg paper's Fig. 3 shows what happens then; Do
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
@@ -49,9 +49,9 @@ class RIIRMethod(LearnedIterativeMethod):
 
     # --- inference --------------------------------------------------------------------------------------------
     def network_steps(self, fixed, moving, steps=None, prompts: Prompts | None = None,
-                      init: torch.Tensor | None = None) -> Iterator[Step]:
+                      init: torch.Tensor | None = None, spacing: Sequence[float] | None = None) -> Iterator[Step]:
         steps = self.check_inputs(fixed, moving, steps)
-        fixed, moving, grid, start = self._prepare(fixed, moving, prompts, init)
+        fixed, moving, grid, start = self._prepare(fixed, moving, prompts, init, spacing)
         trained = self.network.config.steps
         previous = start
         fixed_w, moving_w = grid.image_down(fixed), grid.image_down(moving)

@@ -6,7 +6,7 @@ The common baseline of the five iterative papers: a single step, no iteration. T
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
@@ -51,7 +51,7 @@ class VoxelMorphMethod(NetworkMethod):
     # --- inference --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def network_steps(self, fixed, moving, steps=None, prompts: Prompts | None = None,
-                      init: torch.Tensor | None = None) -> Iterator[Step]:
+                      init: torch.Tensor | None = None, spacing: Sequence[float] | None = None) -> Iterator[Step]:
         self.check_inputs(fixed, moving, steps)
         if init is not None:  # a one-shot network cannot refine: report, do not silently ignore
             raise InputError("voxelmorph predicts in one step and cannot continue from a previous field")

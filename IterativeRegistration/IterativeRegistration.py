@@ -37,6 +37,12 @@ def polishApplies(option_names, representation: str) -> bool:
         "representation" not in option_names or representation in ("", REPRESENTATIONS[0]))
 
 
+def cubicVoxelsOptIn(options) -> bool:
+    """Whether a method (its catalogue options: name -> default) offers cubic voxels as an opt-in: the classical
+    optimizer works on the volume's own grid by default; the networks work on cubic voxels always."""
+    return isinstance(options, dict) and options.get("working_voxels") == "image"
+
+
 class IterativeRegistration(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
@@ -60,7 +66,7 @@ class IterativeRegistrationLogic(ScriptedLoadableModuleLogic):
         "Method": "classical", "Steps": "", "Device": "auto", "Checkpoint": "", "Similarity": "lncc",
         "RegularizationWeight": "1.0", "Tolerance": "0.0001", "ChannelVolumes": "true", "Jacobian": "true", "Centres": "true",
         "KeepPrevious": "true", "UsePrompts": "false", "Overlay": "moving image", "Series": "false", "FixedFrame": "0",
-        "Representation": "freeform", "WorkingSize": "0", "WeightSearch": "false",
+        "Representation": "freeform", "WorkingSize": "0", "WeightSearch": "false", "CubicVoxels": "false",
         "RefineIterations": "0", "Precision": "float32", "PolishIterations": "0",
     }
     REFERENCES = ("FixedVolume", "MovingVolume", "FixedLandmarks", "MovingLandmarks")
@@ -116,6 +122,8 @@ class IterativeRegistrationLogic(ScriptedLoadableModuleLogic):
         if "frame_axis" in option_names and p("Series") == "true":
             # a 2D+t series loads as a volume whose slices (array axis 0, K) are the time frames
             options["frame_axis"], options["fixed_frame"] = 0, int(p("FixedFrame") or 0)
+        if cubicVoxelsOptIn(option_names) and p("CubicVoxels") == "true":
+            options["working_voxels"] = "isotropic"
         if "weight_search" in option_names and p("WeightSearch") == "true":
             options["weight_search"] = True
         if "refine_iterations" in option_names and int(p("RefineIterations") or 0) > 0:  # 0: the network's own
@@ -215,7 +223,7 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             spin.valueChanged.connect(self.updateParameterNodeFromGUI)
         for box in (self.ui.channelVolumesCheckBox, self.ui.jacobianCheckBox, self.ui.centresCheckBox,
                     self.ui.keepPreviousCheckBox, self.ui.promptCheckBox, self.ui.seriesCheckBox,
-                    self.ui.weightSearchCheckBox):
+                    self.ui.weightSearchCheckBox, self.ui.cubicVoxelsCheckBox):
             box.toggled.connect(self.updateParameterNodeFromGUI)
         self.ui.runButton.clicked.connect(self.onRun)
         self.ui.cancelButton.clicked.connect(self.onCancel)
@@ -308,6 +316,7 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
             self.ui.centresCheckBox.checked = p.GetParameter("Centres") != "false"
             self.ui.seriesCheckBox.checked = p.GetParameter("Series") == "true"
             self.ui.weightSearchCheckBox.checked = p.GetParameter("WeightSearch") == "true"
+            self.ui.cubicVoxelsCheckBox.checked = p.GetParameter("CubicVoxels") == "true"
             self.ui.refineGaussianSpinBox.value = int(p.GetParameter("RefineIterations") or 0)
             self.ui.polishSpinBox.value = int(p.GetParameter("PolishIterations") or 0)
             self.ui.fixedFrameSpinBox.value = int(p.GetParameter("FixedFrame") or 0)
@@ -341,6 +350,7 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         p.SetParameter("Centres", "true" if self.ui.centresCheckBox.checked else "false")
         p.SetParameter("Series", "true" if self.ui.seriesCheckBox.checked else "false")
         p.SetParameter("WeightSearch", "true" if self.ui.weightSearchCheckBox.checked else "false")
+        p.SetParameter("CubicVoxels", "true" if self.ui.cubicVoxelsCheckBox.checked else "false")
         p.SetParameter("RefineIterations", str(self.ui.refineGaussianSpinBox.value))
         p.SetParameter("PolishIterations", str(self.ui.polishSpinBox.value))
         p.SetParameter("FixedFrame", str(self.ui.fixedFrameSpinBox.value))
@@ -391,6 +401,7 @@ class IterativeRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMi
         self.ui.workingSizeSpinBox.enabled = "working_size" in options
         self.ui.seriesCheckBox.enabled = self.ui.fixedFrameSpinBox.enabled = "frame_axis" in options
         self.ui.weightSearchCheckBox.enabled = "weight_search" in options
+        self.ui.cubicVoxelsCheckBox.enabled = cubicVoxelsOptIn(options)
         self.ui.refineGaussianSpinBox.enabled = "refine_iterations" in options
         self.updatePolishAvailability()
         for key, widget in (("regularization_weight", self.ui.regularizationSpinBox),

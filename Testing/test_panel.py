@@ -278,6 +278,23 @@ def test_r2n2s_weight_search_is_offered_only_for_r2n2_and_reaches_the_run_settin
     assert widget.logic.settings_from_parameters(widget._parameterNode).options["weight_search"] is True
 
 
+def test_cubic_voxels_are_offered_where_they_are_an_opt_in_and_reach_the_run_settings(panel, sample_pair):
+    """The classical optimizer works on the volume's grid unless asked; the networks always on cubic voxels."""
+    widget, scene = panel
+    ui = widget.ui
+    select_pair(widget, scene, sample_pair)
+    ui.methodComboBox.currentIndex = ui.methodComboBox.findData("riir")
+    assert not ui.cubicVoxelsCheckBox.enabled
+    ui.methodComboBox.currentIndex = ui.methodComboBox.findData("classical")
+    assert ui.cubicVoxelsCheckBox.enabled and not ui.cubicVoxelsCheckBox.checked
+    assert "working_voxels" not in widget.logic.settings_from_parameters(widget._parameterNode).options
+    ui.cubicVoxelsCheckBox.checked = True
+    assert widget._parameterNode.GetParameter("CubicVoxels") == "true"
+    assert widget.logic.settings_from_parameters(widget._parameterNode).options["working_voxels"] == "isotropic"
+    ui.methodComboBox.currentIndex = ui.methodComboBox.findData("riir")  # not sent where it is no opt-in
+    assert "working_voxels" not in widget.logic.settings_from_parameters(widget._parameterNode).options
+
+
 def test_r2n2s_gaussian_refinement_is_offered_only_for_r2n2_and_reaches_the_run_settings(panel, sample_pair):
     widget, scene = panel
     ui = widget.ui

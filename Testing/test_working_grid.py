@@ -1,8 +1,10 @@
-"""The working grid a network iterates on: cubic voxels in mm, whatever the scan's voxels are.
+"""The grids methods work on for a scan with thick slices.
 
-Our networks learned on isotropic grids and their kernels count voxels, so a thick-slice scan is brought to
-cubic working voxels (Docs/benchmarks.md, 'thick-slices', measures what that gains); ``working_voxels=image``
-keeps the image's voxel aspect, the behaviour before.
+Networks: cubic voxels in mm by default. Our networks learned on isotropic grids and their kernels count voxels, so
+a thick-slice scan is brought to cubic working voxels; ``working_voxels=image`` keeps the image's voxel aspect,
+the behaviour before. The classical optimizer: the scan's own grid by default; ``working_voxels=isotropic`` runs
+every pyramid level on cubic voxels, the finest at the scan's finest voxel size. Docs/benchmarks.md,
+'thick-slices', measures what each gains.
 """
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from iterreg.errors import InputError
 from iterreg.imaging import prepare_pair
 from iterreg.methods import get_method
 from iterreg.methods import learned
+from iterreg.methods.classical import ClassicalMethod, level_shape
 from iterreg.methods.learned import working_shape
 from iterreg.spatial import rescale_spacing
 
@@ -76,3 +79,36 @@ def test_r2n2_refuses_a_working_grid_too_small_for_its_deepest_level_and_runs_on
         list(get_method("r2n2").create(ndim=3, options={"working_size": 16}).run_pair(pair, 1))
     steps = list(get_method("r2n2").create(ndim=3, options={"working_size": 18}).run_pair(pair, 1))
     assert tuple(steps[-1].displacement.shape) == (1, 3, 11, 32, 32)
+
+
+def test_the_classical_pyramid_is_the_same_on_isotropic_scans_under_both_rules():
+    for shape in [(128, 128, 128), (61, 47, 33)]:
+        for factor in (1, 2, 4):
+            assert level_shape(shape, factor, (1.5,) * 3) == level_shape(shape, factor, None)
+
+
+def test_the_classical_optimizer_on_cubic_voxels_works_on_the_finest_voxel_everywhere_and_answers_on_the_scan():
+    pair = _thick_slice_pair()  # 11 slices of 3 mm, 32 x 32 pixels of 1 mm
+    seen = []
+    for voxels in ("image", "isotropic"):
+        method = get_method("classical").create(options={"working_voxels": voxels, "levels": [2, 1],
+                                                         "level_share": [0.5, 0.5]})
+        original = method.level_shape
+        method.level_shape = lambda *a: seen.append((voxels, tuple(original(*a)))) or seen[-1][1]
+        steps = list(method.run_pair(pair, 4))
+        assert tuple(steps[-1].displacement.shape) == (1, 3, 11, 32, 32)
+    assert seen == [("image", (6, 16, 16)), ("image", (11, 32, 32)),
+                    ("isotropic", (17, 16, 16)), ("isotropic", (33, 32, 32))]
+
+
+def test_the_memory_check_counts_the_classical_optimizers_cubic_voxels(monkeypatch):
+    from iterreg import memory_budget
+    monkeypatch.setattr(memory_budget, "available_bytes", lambda device: None)  # the estimate, on any machine
+    thick = ((128, 128, 26), (1.5, 1.5, 7.5))  # ITK order, as the headers give it
+    assert ClassicalMethod.grid_voxels_per_image_voxel({}, *thick) == 1.0
+    assert ClassicalMethod.grid_voxels_per_image_voxel({"working_voxels": "isotropic"}, *thick) == 5.0
+    assert get_method("riir").grid_voxels_per_image_voxel({"working_voxels": "isotropic"}, *thick) == 1.0
+    plain = memory_budget.check_memory(ClassicalMethod, thick[0], thick[0], "cpu", {}, thick[1])
+    cubic = memory_budget.check_memory(ClassicalMethod, thick[0], thick[0], "cpu", {"working_voxels": "isotropic"},
+                                       thick[1])
+    assert cubic > 4 * plain

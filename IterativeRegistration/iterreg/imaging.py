@@ -20,7 +20,7 @@ from .atomic import atomic_file
 from .errors import InputError
 from .geometry import Geometry
 
-__all__ = ["read_image", "read_image_size", "write_image_atomic", "validate_image", "validate_pair_overlap",
+__all__ = ["read_image", "read_image_header", "read_image_size", "write_image_atomic", "validate_image", "validate_pair_overlap",
            "resample_onto", "normalise_intensity", "MovingOnOwnGrid", "RegistrationPair", "prepare_pair",
            "resample_through_field", "check_label_geometry"]
 
@@ -53,8 +53,9 @@ def read_image(path: str | os.PathLike, role: str) -> sitk.Image:
         raise _unreadable(p, role, exc) from None
 
 
-def read_image_size(path: str | os.PathLike, role: str) -> tuple[int, ...]:
-    """The voxel counts from the file's header alone (no pixel data is read), e.g. to check memory first."""
+def read_image_header(path: str | os.PathLike, role: str) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """The voxel counts and spacing (ITK order) from the file's header alone (no pixel data is read), e.g. to
+    check memory first."""
     p = _readable_path(path, role)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
@@ -62,7 +63,12 @@ def read_image_size(path: str | os.PathLike, role: str) -> tuple[int, ...]:
         reader.ReadImageInformation()
     except RuntimeError as exc:
         raise _unreadable(p, role, exc) from None
-    return tuple(int(s) for s in reader.GetSize())
+    return tuple(int(s) for s in reader.GetSize()), tuple(float(s) for s in reader.GetSpacing())
+
+
+def read_image_size(path: str | os.PathLike, role: str) -> tuple[int, ...]:
+    """The voxel counts from the file's header alone (no pixel data is read)."""
+    return read_image_header(path, role)[0]
 
 
 def write_image_atomic(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> None:

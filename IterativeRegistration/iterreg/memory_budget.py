@@ -59,10 +59,13 @@ def estimated_bytes(memory_per_voxel: float, fixed_shape: Sequence[int], moving_
 
 
 def check_memory(method_cls, fixed_shape: Sequence[int], moving_shape: Sequence[int], device,
-                 options: dict | None = None) -> int:
+                 options: dict | None = None, fixed_spacing: Sequence[float] | None = None) -> int:
     """Raise :class:`NotEnoughMemory` when the run (with ``options``) would not fit on ``device``; return the
-    estimate (bytes)."""
-    need = estimated_bytes(method_cls.peak_memory_per_voxel(options), fixed_shape, moving_shape)
+    estimate (bytes). ``fixed_spacing`` (the order of ``fixed_shape``) lets a method that works on a grid of its
+    own (the classical optimizer's cubic voxels) scale its slope to that grid."""
+    per_voxel = (method_cls.peak_memory_per_voxel(options)
+                 * method_cls.grid_voxels_per_image_voxel(options, fixed_shape, fixed_spacing))
+    need = estimated_bytes(per_voxel, fixed_shape, moving_shape)
     free = available_bytes(device)
     if free is not None and need > free:
         import torch

@@ -22,7 +22,8 @@ from .atomic import atomic_file
 from .devices import resolve_device
 from .errors import InputError, OutputError
 from .geometry import Geometry
-from .imaging import (check_label_geometry, prepare_pair, read_image, read_image_size, resample_onto,
+from .imaging import (check_label_geometry, prepare_pair, read_image, read_image_header, read_image_size,
+                      resample_onto,
                       resample_through_field, write_image_atomic)
 from .memory_budget import check_memory
 from .landmarks import landmarks_on_fixed_grid, pair_landmarks, read_landmarks
@@ -121,8 +122,9 @@ def register_files(request: RegistrationRequest, on_step: Callable[[Step], None]
     method_cls = get_method(request.method)
     device = resolve_device(request.device)
     # Before any pixel is read: does the run fit in memory? (sizes from the headers)
-    check_memory(method_cls, read_image_size(request.fixed, "fixed image"),
-                 read_image_size(request.moving, "moving image"), device, request.options)
+    fixed_size, fixed_spacing = read_image_header(request.fixed, "fixed image")
+    check_memory(method_cls, fixed_size, read_image_size(request.moving, "moving image"), device, request.options,
+                 fixed_spacing)
     fixed = read_image(request.fixed, "fixed image")
     moving = read_image(request.moving, "moving image")
     pair = prepare_pair(fixed, moving)

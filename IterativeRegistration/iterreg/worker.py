@@ -207,7 +207,7 @@ def _run(job: Job, channel: EventChannel, control: Control, ring: Ring | None) -
     from .memory_budget import check_memory
     fixed_geometry, moving_geometry = _job_geometries(job)
     # before any array is loaded
-    check_memory(method_cls, fixed_geometry.size, moving_geometry.size, device, job.options)
+    check_memory(method_cls, fixed_geometry.size, moving_geometry.size, device, job.options, fixed_geometry.spacing)
     pair, prompts, init = _load_inputs(job, fixed_geometry, moving_geometry)
     method = method_cls.create(job.checkpoint, device, job.options, ndim=pair.geometry.image_ndim)
     steps = method.check_inputs(pair.fixed, pair.moving, job.steps)

@@ -11,7 +11,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
 
@@ -144,6 +144,14 @@ class RegistrationMethod(ABC):
         """``memory_per_voxel`` of a run with ``options`` (a network method's polish adds the classical
         optimizer's work on the image grid)."""
         return cls.memory_per_voxel
+
+    @classmethod
+    def grid_voxels_per_image_voxel(cls, options: dict | None, shape: Sequence[int],
+                                    spacing: Sequence[float] | None) -> float:
+        """How many voxels the grid a run with ``options`` works on has per voxel of a fixed image of ``shape`` and
+        ``spacing`` (the same axis order), for the memory estimate: 1 unless a method works on another grid (the
+        classical optimizer's opt-in cubic voxels)."""
+        return 1.0
 
     @classmethod
     def checkpoint_default_steps(cls, metadata: dict) -> int:

@@ -9,7 +9,8 @@ improving (relative decrease < ``tolerance`` for ``patience`` iterations).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+import math
+from typing import Iterator, Sequence
 
 import torch
 
@@ -34,6 +35,12 @@ class ClassicalOptions(MethodOptions):
     tolerance: float = 1e-4  # relative loss decrease below which a level counts as converged
     patience: int = 5
     prompt_weight: float = 1.0  # weight of the landmark term when prompts are given (mm^2)
+    # image: every level on the scan's grid downsampled by the level's factor (the finest is the scan's grid);
+    # isotropic (opt-in): every level on cubic voxels in mm, the finest at the scan's finest voxel size, so a
+    # thick-slice axis is interpolated up and the result resampled back onto the scan's grid. More accurate on
+    # thick slices at ~3x the time and (slice thickness / pixel size) x the memory (Docs/benchmarks.md,
+    # 'thick-slices'). Needs the spacing (run_pair); without it the grids are the image's
+    working_voxels: str = "image"
 
     def check(self) -> None:
         if self.similarity not in losses.SIMILARITIES:
@@ -48,6 +55,8 @@ class ClassicalOptions(MethodOptions):
             raise InputError("level_share needs one positive fraction per level")
         if self.learning_rate <= 0 or self.tolerance < 0 or self.patience < 1:
             raise InputError("learning_rate must be > 0, tolerance >= 0 and patience >= 1")
+        if self.working_voxels not in ("isotropic", "image"):
+            raise InputError(f"working_voxels must be one of ['isotropic', 'image'], got '{self.working_voxels}'")
 
 
 class ClassicalMethod(RegistrationMethod):
@@ -69,8 +78,23 @@ class ClassicalMethod(RegistrationMethod):
         counts[-1] += max(steps - int(counts.sum()), 0)
         return [int(c) for c in counts]
 
+    def pair_inputs(self, pair) -> dict:
+        return {**super().pair_inputs(pair), "spacing": pair.geometry.array_spacing}
+
+    def level_shape(self, full_shape, factor: int, spacing: Sequence[float] | None) -> list[int]:
+        return level_shape(full_shape, factor, spacing if self.options.working_voxels == "isotropic" else None)
+
+    @classmethod
+    def grid_voxels_per_image_voxel(cls, options: dict | None, shape: Sequence[int],
+                                    spacing: Sequence[float] | None) -> float:
+        isotropic = (options or {}).get("working_voxels", ClassicalOptions.working_voxels) == "isotropic"
+        if not isotropic or spacing is None:
+            return 1.0
+        return math.prod(level_shape(shape, 1, spacing)) / math.prod(int(n) for n in shape)
+
     def run(self, fixed, moving, steps=None, prompts: Prompts | None = None,
-            init: torch.Tensor | None = None) -> Iterator[Step]:
+            init: torch.Tensor | None = None, spacing: Sequence[float] | None = None) -> Iterator[Step]:
+        """``spacing``: mm per array axis of the fixed grid (``run_pair`` gives it), for the coarse levels' grids."""
         steps = self.check_inputs(fixed, moving, steps)
         opts = self.options
         nd = fixed.dim() - 2
@@ -90,7 +114,7 @@ class ClassicalMethod(RegistrationMethod):
         monitor = MonitorGrid(fixed, moving)
         index = 0
         for level_number, (factor, n_iter) in enumerate(zip(levels, budget), start=1):
-            shape = [max(4, -(-n // factor)) for n in full_shape]
+            shape = self.level_shape(full_shape, factor, spacing)
             fixed_l = resize_image(fixed, shape)
             moving_l = resize_image(moving, shape)
             base_l = 0 if base is None else resize_displacement(base, shape)
@@ -152,3 +176,15 @@ class ClassicalMethod(RegistrationMethod):
         if prompts.spacing is not None:
             spacing = torch.tensor(prompts.spacing, dtype=torch.float32) / scale
         return prompts.fixed_points * scale, prompts.moving_points * scale, spacing
+
+
+def level_shape(full_shape: Sequence[int], factor: int, spacing: Sequence[float] | None) -> list[int]:
+    """The grid of the pyramid level that downsamples by ``factor`` (never below 4 voxels a side): without a
+    spacing, every axis by ``factor`` (factor 1: the image grid); with one, cubic voxels of ``factor`` times the
+    finest voxel over the same field of view (a thick axis gets more voxels than it has). Both agree on
+    isotropic grids."""
+    if spacing is None:
+        return [max(4, -(-int(n) // factor)) for n in full_shape]
+    finest = min(float(s) for s in spacing)
+    # - 1e-9: an extent that is a whole number of level voxels must not round up to one more
+    return [max(4, math.ceil(int(n) * float(s) / (factor * finest) - 1e-9)) for n, s in zip(full_shape, spacing)]

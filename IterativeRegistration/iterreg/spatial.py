@@ -15,6 +15,8 @@ Physical space (mm, RAS/LPS, SimpleITK) lives in :mod:`iterreg.geometry`; nothin
 """
 from __future__ import annotations
 
+import math
+
 from typing import Sequence
 
 import torch
@@ -43,6 +45,7 @@ __all__ = [
     "grid_rescaling",
     "sample_through_index_map",
     "shape_for_voxel_size",
+    "shape_for_cubic_voxels",
 ]
 
 
@@ -242,6 +245,16 @@ def rescale_spacing(spacing: Sequence[float], old_shape: Sequence[int], new_shap
     """Voxel size per array axis after resampling a grid of ``old_shape`` to ``new_shape`` over the same field of
     view (the same rule as :meth:`iterreg.geometry.Geometry.scaled_to_shape`; a one-voxel axis keeps its size)."""
     return [s * (o - 1) / (n - 1) if o > 1 and n > 1 else s for s, o, n in zip(spacing, old_shape, new_shape)]
+
+
+def shape_for_cubic_voxels(shape: Sequence[int], spacing: Sequence[float], voxel_mm: float,
+                           round_up: bool = False) -> tuple[int, ...]:
+    """How many voxels of ``voxel_mm`` each axis's field of view (``n`` voxels of ``s`` mm: ``n * s``) holds, rounded
+    (or rounded up): the grid a method works on when its voxels should be cubes whatever the scan's are. On an
+    isotropic scan it is ``n * s / voxel_mm``, the same count a plain downsampling by that factor gives."""
+    # - 1e-9: a field of view that is a whole number of voxels must not round up to one more
+    count = (lambda x: math.ceil(x - 1e-9)) if round_up else round
+    return tuple(max(1, count(int(n) * float(s) / voxel_mm)) for n, s in zip(shape, spacing))
 
 
 def shape_for_voxel_size(shape: Sequence[int], spacing: Sequence[float], voxel_mm: float) -> tuple[int, ...]:

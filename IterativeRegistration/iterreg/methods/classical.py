@@ -8,8 +8,8 @@ improving (relative decrease < ``tolerance`` for ``patience`` iterations).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 import math
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
@@ -18,7 +18,7 @@ from .base import MethodOptions, MonitorGrid, Prompts, RegistrationMethod, Step,
 from .. import losses
 from ..adam import Adam
 from ..errors import InputError
-from ..spatial import gaussian_smooth, resize_displacement, resize_image, warp
+from ..spatial import gaussian_smooth, resize_displacement, resize_image, shape_for_cubic_voxels, warp
 
 
 @dataclass(frozen=True)
@@ -185,6 +185,5 @@ def level_shape(full_shape: Sequence[int], factor: int, spacing: Sequence[float]
     isotropic grids."""
     if spacing is None:
         return [max(4, -(-int(n) // factor)) for n in full_shape]
-    finest = min(float(s) for s in spacing)
-    # - 1e-9: an extent that is a whole number of level voxels must not round up to one more
-    return [max(4, math.ceil(int(n) * float(s) / (factor * finest) - 1e-9)) for n, s in zip(full_shape, spacing)]
+    voxel_mm = factor * min(float(s) for s in spacing)
+    return [max(4, n) for n in shape_for_cubic_voxels(full_shape, spacing, voxel_mm, round_up=True)]

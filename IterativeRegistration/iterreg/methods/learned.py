@@ -24,8 +24,8 @@ from ..checkpoints import read_checkpoint
 from ..errors import InputError
 from ..networks.precision import check_precision, compute_in_precision
 from ..networks.unet import prefer_fast_cpu_layout
-from ..spatial import (largest_component, resize_displacement, resize_image, rescale_voxel_vectors, spatial_ndim,
-                       vector_length, warp)
+from ..spatial import (largest_component, resize_displacement, resize_image, rescale_voxel_vectors,
+                       shape_for_cubic_voxels, spatial_ndim, vector_length, warp)
 
 __all__ = ["load_network", "WorkingGrid", "working_shape", "NetworkOptions", "WorkingGridOptions", "NetworkMethod",
            "LearnedIterativeMethod"]
@@ -55,9 +55,8 @@ def working_shape(shape: Sequence[int], scale: float = 1.0, size: int = 0,
     Without ``spacing`` the image's voxel aspect is kept and no side is finer than the image."""
     shape = tuple(int(n) for n in shape)
     if size > 0 and spacing is not None:
-        extents = [n * float(s) for n, s in zip(shape, spacing)]  # fields of view: for equal spacings the rule
-        voxel_mm = max(max(extents) / size, min(float(s) for s in spacing))  # below gives the aspect rule's grid
-        return tuple(max(8, round(e / voxel_mm)) for e in extents)
+        voxel_mm = max(max(n * float(s) for n, s in zip(shape, spacing)) / size, min(float(s) for s in spacing))
+        return tuple(max(8, n) for n in shape_for_cubic_voxels(shape, spacing, voxel_mm))
     factor = size / max(shape) if size > 0 else scale
     return tuple(min(n, max(8, round(n * factor))) for n in shape)
 

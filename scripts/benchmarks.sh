@@ -29,6 +29,7 @@ declare -A SECTIONS=(
     [dio-prompts]="Testing/benchmark_dio.py prompts --prompt-max-radius 40"
     [dio-robustness]="Testing/benchmark_dio.py robustness"
     [thick-slices]="Testing/benchmark_thick_slices.py --size 128 --pairs 3 --thickness 3 5"
+    [thick-slices-real]="Testing/benchmark_thick_slices.py --real --size 128 --thickness 3 5"  # Colin27 too
     [dio-smoothing]="Testing/benchmark_dio.py smoothing --with-3d"
     [r2n2-localisation]="Testing/benchmark_iirp_r2n2.py localisation"
     [r2n2-compactness]="Testing/benchmark_iirp_r2n2.py compactness"
@@ -46,7 +47,8 @@ declare -A SECTIONS=(
 )
 ORDER=(baselines-64 memory worker scene riir-deqreg-memory riir-deqreg-convergence riir-deqreg-convergence-2d
        riir-deqreg-working-grid
-       iirp-iterstop dio-accuracy dio-smoothing dio-prompts dio-robustness thick-slices r2n2-localisation
+       iirp-iterstop dio-accuracy dio-smoothing dio-prompts dio-robustness thick-slices thick-slices-real
+       r2n2-localisation
        r2n2-compactness
        r2n2-compactness-3d r2n2-compactness-local r2n2-compactness-3d-local r2n2-step-size
        r2n2-series baselines-96 baselines-128 real-pair prompt-models cpu-layout cpu-allocator)

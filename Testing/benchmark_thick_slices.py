@@ -114,8 +114,8 @@ def run(args) -> str:
         "side in mm keeps the trained size, the thick axis gets as many voxels as its extent holds). VoxelMorph "
         "has no working grid (it runs on the image grid). The classical optimizer runs on the scan's grid by "
         "default; with `working_voxels isotropic` (opt-in) every pyramid level is on cubic voxels, the finest at "
-        "the scan's finest voxel size (1.5 mm), and the result is resampled onto the scan's grid. itk-elastix: B-spline, 3 resolutions, 500 iterations, "
-        "10 mm final grid, as in `baselines-128`. Times are ratios to the classical optimizer in the same run "
+        "the scan's finest voxel size (1.5 mm), and the result is resampled onto the scan's grid. itk-elastix: "
+        "B-spline, 3 resolutions, 500 iterations, 10 mm final grid, as in `baselines-128`. Times are ratios to the classical optimizer in the same run "
         "(elastix's own runtime). On isotropic scans both rules give the same grid, so `baselines-128` is "
         f"unchanged. Fixed grids: {'; '.join(grids)}.", "",
         markdown_table(HEADER, rows)])

@@ -20,9 +20,9 @@ from .atomic import atomic_file
 from .errors import InputError
 from .geometry import Geometry
 
-__all__ = ["read_image", "read_image_header", "read_image_size", "write_image_atomic", "validate_image", "validate_pair_overlap",
-           "resample_onto", "normalise_intensity", "MovingOnOwnGrid", "RegistrationPair", "prepare_pair",
-           "resample_through_field", "check_label_geometry"]
+__all__ = ["read_image", "read_image_header", "read_image_size", "write_image_atomic", "validate_image",
+           "validate_pair_overlap", "resample_onto", "normalise_intensity", "MovingOnOwnGrid", "RegistrationPair",
+           "prepare_pair", "resample_through_field", "check_label_geometry"]
 
 READABLE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 

@@ -20,8 +20,8 @@ from ..errors import InputError
 from ..metrics import folding_percent
 from ..spatial import resize_displacement, resize_image, spatial_ndim, vector_length, warp
 
-__all__ = ["Step", "Prompts", "RegistrationMethod", "MethodOptions", "standard_step_metrics", "warp_later",
-           "MonitorGrid"]
+__all__ = ["Step", "Prompts", "RegistrationMethod", "MethodOptions", "WORKING_VOXELS", "standard_step_metrics",
+           "warp_later", "MonitorGrid"]
 
 
 class _ComputedOnAccess:
@@ -86,6 +86,10 @@ class Prompts:
     moving_labels: torch.Tensor | None = None
     weight: float = 1.0
     spacing: tuple[float, ...] | None = None  # mm per array axis, for distances in mm
+
+
+# The voxel shape of the grids a method works on (option ``working_voxels``): cubes in mm, or the image's own
+WORKING_VOXELS = ("isotropic", "image")
 
 
 @dataclass(frozen=True)

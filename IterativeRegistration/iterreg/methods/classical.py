@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .base import MethodOptions, MonitorGrid, Prompts, RegistrationMethod, Step, warp_later
+from .base import WORKING_VOXELS, MethodOptions, MonitorGrid, Prompts, RegistrationMethod, Step, warp_later
 from .. import losses
 from ..adam import Adam
 from ..errors import InputError
@@ -55,8 +55,8 @@ class ClassicalOptions(MethodOptions):
             raise InputError("level_share needs one positive fraction per level")
         if self.learning_rate <= 0 or self.tolerance < 0 or self.patience < 1:
             raise InputError("learning_rate must be > 0, tolerance >= 0 and patience >= 1")
-        if self.working_voxels not in ("isotropic", "image"):
-            raise InputError(f"working_voxels must be one of ['isotropic', 'image'], got '{self.working_voxels}'")
+        if self.working_voxels not in WORKING_VOXELS:
+            raise InputError(f"working_voxels must be one of {list(WORKING_VOXELS)}, got '{self.working_voxels}'")
 
 
 class ClassicalMethod(RegistrationMethod):

@@ -18,7 +18,8 @@ from typing import ClassVar, Iterator, Sequence
 
 import torch
 
-from .base import MethodOptions, Prompts, RegistrationMethod, Step, standard_step_metrics, warp_later
+from .base import (WORKING_VOXELS, MethodOptions, Prompts, RegistrationMethod, Step, standard_step_metrics,
+                   warp_later)
 from .polish import polish_memory_per_voxel, polished
 from ..checkpoints import read_checkpoint
 from ..errors import InputError
@@ -41,9 +42,6 @@ def load_network(method_cls, path: str | Path) -> tuple[torch.nn.Module, dict]:
         raise InputError(f"checkpoint '{path}' does not match the {method_cls.name} architecture it declares: "
                          f"{str(exc).splitlines()[0]}") from None
     return network, metadata
-
-
-WORKING_VOXELS = ("isotropic", "image")
 
 
 def working_shape(shape: Sequence[int], scale: float = 1.0, size: int = 0,

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from datetime import date
-from pathlib import Path
 
 import numpy as np
 
@@ -34,8 +32,7 @@ def landmark_errors(evaluation, u) -> np.ndarray:
 
 
 def run_methods(real, pair, evaluation) -> tuple[list[list[str]], dict]:
-    from benchmark_baselines import elastix_available, elastix_displacement, parse_method_spec, row_label
-    from iterreg.imaging import write_image_atomic
+    from benchmark_baselines import elastix_available, elastix_on_images, parse_method_spec, row_label
     from iterreg.methods import get_method
     from iterreg.metrics import folding_percent
     from iterreg.resources import default_checkpoint
@@ -53,11 +50,7 @@ def run_methods(real, pair, evaluation) -> tuple[list[list[str]], dict]:
         fields[name] = u
         print(f"{name}: TRE {results[name][0].mean():.2f} mm, {results[name][2]:.1f} s", flush=True)
     if elastix_available():
-        with tempfile.TemporaryDirectory() as tmp:
-            write_image_atomic(real.fixed, Path(tmp) / "fixed.nii.gz")
-            write_image_atomic(real.moving, Path(tmp) / "moving.nii.gz")  # in the frame real_pair chose
-            u, runtime = elastix_displacement(Path(tmp) / "fixed.nii.gz", Path(tmp) / "moving.nii.gz",
-                                              Path(tmp) / "elastix")
+        u, runtime = elastix_on_images(real.fixed, real.moving)  # the moving in the frame real_pair chose
         results["elastix"] = (landmark_errors(evaluation, u), folding_percent(u), runtime)
         print(f"elastix: TRE {results['elastix'][0].mean():.2f} mm, {runtime:.1f} s", flush=True)
     reference = results["elastix"][2] if "elastix" in results else None

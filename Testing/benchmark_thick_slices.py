@@ -54,17 +54,8 @@ def methods():
 
 def elastix_on(sample, evaluation) -> dict:
     """The itk-elastix baseline (benchmark_baselines' settings) on the pair as it is, scored like the others."""
-    import tempfile
-    from pathlib import Path
-
-    import SimpleITK as sitk
-
-    from benchmark_baselines import elastix_displacement
-    with tempfile.TemporaryDirectory() as folder:
-        paths = [Path(folder) / f"{name}.nii.gz" for name in ("fixed", "moving")]
-        for image, path in zip((sample.fixed, sample.moving), paths):
-            sitk.WriteImage(image, str(path))
-        u, runtime = elastix_displacement(*paths, Path(folder) / "elastix")
+    from benchmark_baselines import elastix_on_images
+    u, runtime = elastix_on_images(sample.fixed, sample.moving)
     return {**full_score(evaluation, u), "time": runtime}
 
 
@@ -123,13 +114,9 @@ def run(args) -> str:
 
 def run_real(args) -> str:
     """The real pair (MNI152 <- Colin27, 32 AFIDs) with the MNI152 re-acquired with thicker slices: AFID TRE."""
-    import tempfile
-    from pathlib import Path
-
-    import SimpleITK as sitk
     import torch
 
-    from benchmark_baselines import elastix_available, elastix_displacement
+    from benchmark_baselines import elastix_available, elastix_on_images
     from benchmark_real_pair import landmark_errors
     from iterreg.imaging import prepare_pair
     from iterreg.metrics import folding_percent
@@ -148,11 +135,7 @@ def run_real(args) -> str:
             u = steps[-1].displacement
             results[name] = (landmark_errors(evaluation, u), folding_percent(u), elapsed)
         if elastix_available():
-            with tempfile.TemporaryDirectory() as folder:
-                paths = [Path(folder) / f"{name}.nii.gz" for name in ("fixed", "moving")]
-                for image, path in zip((real.fixed, real.moving), paths):
-                    sitk.WriteImage(image, str(path))
-                u, runtime = elastix_displacement(*paths, Path(folder) / "elastix")
+            u, runtime = elastix_on_images(real.fixed, real.moving)
             results["itk-elastix"] = (landmark_errors(evaluation, u), folding_percent(u), runtime)
         slices = f"{real.fixed.GetSpacing()[2]:g} mm slices"
         reference = results["classical"][2]
